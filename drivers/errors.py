@@ -1,0 +1,37 @@
+"""Errors raised by the host side of a link. All derive from :class:`protocols.errors.EqpropError`."""
+
+from __future__ import annotations
+
+from protocols.errors import EqpropError, ValueRangeError
+
+
+class DriverError(EqpropError):
+    """Root of driver errors."""
+
+
+class InstrumentError(DriverError):
+    """The instrument refused or failed a command and said why (SCPI error queue entry or FPGA status code)."""
+
+    def __init__(self, code: int, message: str, command: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.command = command
+        where = f" after {command!r}" if command else ""
+        super().__init__(f"instrument error {code}, {message!r}{where}")
+
+
+class LinkError(DriverError):
+    """The link failed and bounded retries did not recover it (timeouts, lost connection, garbage replies)."""
+
+
+class ReplyError(DriverError, ValueError):
+    """A reply arrived but is not what the command promises (wrong length, NaN in a block, unparseable)."""
+
+
+class DeviceRestarted(DriverError):
+    """The instrument rebooted since the last command (boot counter changed): neuron states and the
+    retransmission cache are gone; weights are non-volatile. Re-read weights before trusting a pending update."""
+
+
+class LimitError(ValueRangeError, DriverError):
+    """A value that would drive the hardware outside the configured safety limits; nothing was sent."""

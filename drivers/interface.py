@@ -1,0 +1,135 @@
+"""The interface a neuron array must offer to be trained by `hil`.
+
+No implementation lives here (as in Bluesky's ``protocols.py``): each capability is a small runtime-checkable
+Protocol, combined by inheritance into :class:`NeuronArray`. Both drivers (`AnalogBoard` over VISA, `FpgaArray`
+over serial) implement all of it; the trainer and the calibration code talk to hardware only through it.
+
+Units: inputs and states in volts, nudge currents in amperes, times in seconds. Weights are *effective* weights,
+the number the dynamics of ``docs/dynamics.md`` multiply by, i.e. ``scale_e * (G+ - G-) / G_ref``.
+Matrices are addressed by edge index (see ``docs/dynamics.md``) and ``feedback=True`` for the separate feedback
+matrix ``B_e`` of an untied board.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol, TypedDict, runtime_checkable
+
+import numpy as np
+
+Phase = Literal["FREE", "NUDGE", "HOLD"]
+
+
+class Identity(TypedDict):
+    """What ``*IDN?`` (or the FPGA's IDENTIFY opcode) says, split into its four fields."""
+
+    vendor: str  # e.g. "EQPROP-HIL"
+    model: str  # e.g. "ANALOG-EP-1"
+    serial: str  # e.g. "SIM0001"
+    firmware: str  # e.g. "0.1.0"
+
+
+class Topology(TypedDict):
+    """The network the hardware is wired as (see docs/dynamics.md)."""
+
+    sizes: list[int]  # neurons per layer, input first: [64, 256, 10]
+    edges: list[tuple[int, int]]  # (src, dst) per edge, chain edges first: [(0, 1), (1, 2)]
+    feedback: Literal["tied", "untied"]  # untied boards have a separate B_e per edge
+    activation: str  # "sigmoid4", "hard_sigmoid", "tanh" or "identity"
+
+
+class PulseResult(TypedDict):
+    """What the instrument reports after applying a pulse command."""
+
+    pulses: int  # total number of device pulses actually fired (sum of |counts|, or coincidences)
+
+
+@runtime_checkable
+class Described(Protocol):
+    def identity(self) -> Identity:
+        """Who the instrument is: ``{"vendor": "EQPROP-HIL", "model": "ANALOG-EP-1", ...}``."""
+
+    def topology(self) -> Topology:
+        """Layer sizes, edges and feedback kind: ``{"sizes": [64, 256, 10], "edges": [(0, 1), (1, 2)], ...}``."""
+
+    def snapshot(self) -> dict:
+        """Every setting, for run records: identity, topology, gains, scales, device model, converters, limits."""
+
+
+@runtime_checkable
+class Driven(Protocol):
+    def reset(self) -> None:
+        """Return to the power-on state of the dynamics: states 0, phase HOLD, nudge off. Weights are kept."""
+
+    def set_input(self, volts: np.ndarray) -> None:
+        """Drive the input layer, shape ``(n_0,)``, volts. Checked against the configured input range first."""
+
+    def set_phase(self, phase: Phase) -> None:
+        """FREE runs the dynamics without nudge, NUDGE with it, HOLD freezes the states (the safe phase)."""
+
+    def set_nudge_current(self, amperes: np.ndarray) -> None:
+        """Explicit nudge currents into the output neurons, shape ``(n_out,)``, amperes (within compliance)."""
+
+    def set_nudge_target(self, target: np.ndarray, beta: float) -> None:
+        """Target mode: the board applies ``beta * (target - o_t)`` itself at every nudged step."""
+
+    def nudge_off(self) -> None:
+        """Zero the nudge currents and leave target mode."""
+
+    def set_feedback_gain(self, edge: int, gain: float) -> None:
+        """FRE feedback regulation for one edge, 0..1 (1 = standard EP)."""
+
+    def settle(self, steps: int) -> None:
+        """Run ``steps`` steps of the dynamics in the current phase and return once they are done (*OPC?)."""
+
+    def read_state(self, layer: int | None = None) -> list[np.ndarray]:
+        """Settled states in volts: every layer (input first) or ``[state of layer]``."""
+
+
+@runtime_checkable
+class Plastic(Protocol):
+    def apply_pulses(self, edge: int, counts: np.ndarray, *, feedback: bool = False) -> PulseResult:
+        """Fire a signed number of pulses per device, int8 counts of the matrix's shape (+ potentiates)."""
+
+    def apply_outer(
+        self, edge: int, rows: np.ndarray, cols: np.ndarray, bit_length: int, *, feedback: bool = False
+    ) -> PulseResult:
+        """Rank-1 stochastic pulse trains: row i fires with probability |rows_i|, column k with |cols_k|,
+        every coincidence is one pulse of sign sign(rows_i * cols_k); values in [-1, 1]. O(rows + cols) bytes."""
+
+    def set_local_learning(self, enabled: bool, eta: list[float] | None = None, beta: float | None = None) -> None:
+        """On-device C-EP (tied) or C-VF (untied): the board updates itself at every nudged step."""
+
+    def read_weights(self, edge: int, *, feedback: bool = False) -> np.ndarray:
+        """Effective weights of one matrix, float32, shape ``(n_dst, n_src)`` (``(n_src, n_dst)`` for feedback)."""
+
+    def program_weights(
+        self, edge: int, weights: np.ndarray, *, feedback: bool = False, tolerance: float = 0.01, max_iterations: int = 20
+    ) -> float:
+        """Write-verify programming; returns the residual max |W - target| the instrument reports."""
+
+
+@runtime_checkable
+class NeuronArray(Described, Driven, Plastic, Protocol):
+    """Everything the trainer needs; usable as a context manager that closes the link (and leaves HOLD)."""
+
+    def close(self) -> None:
+        """Leave the instrument safe (HOLD, nudge off, inputs 0) and release the link."""
+
+    def __enter__(self) -> "NeuronArray": ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class SampleRunner(Protocol):
+    """Optional: one round trip per training sample (the FPGA's TRAIN_SAMPLE opcode, the board's LEARN:SAMPle).
+
+    Differs from driving the phases by hand in that the instrument runs free phase, nudged phase and its local
+    updates by itself; the controller only streams inputs and targets.
+    """
+
+    def train_sample(self, volts: np.ndarray, target: np.ndarray, beta: float, t1: int, t2: int) -> np.ndarray:
+        """Run one local-learning sample; returns the output layer's free-phase state, volts, ``(n_out,)``."""
+
+    def infer(self, volts: np.ndarray, t1: int) -> np.ndarray:
+        """Reset states, clamp the input, run ``t1`` free steps; returns the output state, volts, ``(n_out,)``."""
