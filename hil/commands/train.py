@@ -1,0 +1,65 @@
+"""`hil train`: train on the software engine or in situ on an instrument, with run records and a final line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hil import config as configuration
+from hil.runs import RunDir, resolve_run_dir
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help=f"a bundled preset: {', '.join(configuration.preset_names())}")
+    p.add_argument("--config", metavar="FILE.toml", help="a TOML file; its keys override the preset's")
+    p.add_argument("--instrument", metavar="RESOURCE", help="software | sim://analog?... | sim://fpga?... | VISA resource | serial port")
+    p.add_argument("--dataset", help="digits | mnist5k | fashion-mnist | idx:DIR")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--data-limit", type=int, help="train on a stratified subset of this many samples")
+    p.add_argument("--update-mode", choices=["matrix", "outer", "local"], help="how updates reach an instrument")
+    p.add_argument("--calibration", metavar="FILE.json", help="a `hil calibrate` output to use")
+    p.add_argument("--telemetry", metavar="ADDRESS", help="publish the run on a ZeroMQ PUB socket, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--run-dir", metavar="DIR", help="where the run records go (default runs/<time>-<preset>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run exactly where it stopped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    o: dict = {}
+
+    def put(table: str, key: str, value: object) -> None:
+        if value is not None:
+            o.setdefault(table, {})[key] = value
+
+    put("train", "dataset", args.dataset)
+    put("train", "epochs", args.epochs)
+    put("train", "seed", args.seed)
+    put("train", "batch_size", args.batch_size)
+    put("train", "data_limit", args.data_limit)
+    put("instrument", "resource", args.instrument)
+    put("instrument", "update_mode", args.update_mode)
+    put("instrument", "calibration", args.calibration)
+    put("telemetry", "address", args.telemetry)
+    return o
+
+
+def run(args: argparse.Namespace) -> int:
+    from hil.session import run_training
+
+    if args.resume:
+        run_dir = RunDir.open(args.resume)
+        cfg = configuration.build(configuration.merge(run_dir.read_config(), overrides(args)))
+        resume = True
+    else:
+        preset = args.preset or (None if args.config else configuration.DEFAULT_PRESET)
+        cfg = configuration.resolve(preset, args.config, overrides(args))
+        run_dir = RunDir.create(resolve_run_dir(args.run_dir, preset=cfg.name), cfg.to_dict())
+        resume = False
+    summary = run_training(cfg, run_dir, resume=resume, progress=not args.no_progress)
+    print(summary.line(), flush=True)
+    if summary.status != "success":
+        print(f"stopped early; continue with: hil train --resume {run_dir.path}", file=sys.stderr)
+        return 130
+    return 0

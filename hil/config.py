@@ -1,0 +1,195 @@
+"""The run configuration: typed dataclasses loaded from TOML, strictly.
+
+A preset (hil/presets/NAME.toml) or the user's file gives the tables ``[model]``, ``[rule]``, ``[train]``,
+``[instrument]`` and ``[telemetry]``; command-line options override single keys. Unknown keys, wrong types and
+out-of-range values raise :class:`ConfigError` naming the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from hil.model import NetworkConfig
+from hil.rules import RuleConfig
+from protocols.errors import EqpropError, ValueRangeError
+
+
+DEFAULT_PRESET = "digits-cep"  # what a bare `hil train` runs
+
+
+class ConfigError(EqpropError, ValueError):
+    """A configuration that cannot be used; the message names the key and the problem."""
+
+
+@dataclass
+class TrainConfig:
+    """The data and the loop; TOML table ``[train]``."""
+
+    dataset: str = "digits"  # digits | mnist5k | fashion-mnist | idx:DIR
+    data_limit: int = 0  # > 0: a stratified subset of this many training samples (quick runs)
+    epochs: int = 10
+    batch_size: int = 20
+    seed: int = 0
+    device: str = "cpu"  # torch device of the software engine
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.data_limit < 0:
+            raise ValueRangeError(f"train.epochs and train.batch_size must be >= 1, data_limit >= 0: {self}")
+
+
+@dataclass
+class LimitsConfig:
+    """Safety limits, checked before anything is sent; TOML table ``[instrument.limits]``."""
+
+    max_input_volts: float = 1.0
+    max_nudge_amperes: float = 1e-4
+    max_pulses_per_device: int = 8  # per device per nudged step
+    max_bit_length: int = 255
+    pulse_budget: int = 0  # total pulses per run; 0 = unlimited
+
+
+@dataclass
+class InstrumentConfig:
+    """Where the network lives; TOML table ``[instrument]``."""
+
+    resource: str = "software"  # software | sim://analog?... | sim://fpga?... | a VISA resource | a serial port
+    update_mode: Literal["matrix", "outer", "local"] = "matrix"
+    calibration: str = ""  # path of a `hil calibrate` JSON file; empty = the instrument's nominal values
+    bit_length: int = 31  # outer mode: stochastic pulse-train length
+    timeout_s: float = 5.0
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+@dataclass
+class TelemetryConfig:
+    address: str = ""  # e.g. tcp://127.0.0.1:5556; empty = no telemetry
+    every_samples: int = 200  # an event document every N training samples
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: NetworkConfig = field(default_factory=lambda: NetworkConfig(sizes=[64, 256, 10]))
+    rule: RuleConfig = field(default_factory=RuleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    instrument: InstrumentConfig = field(default_factory=InstrumentConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("hil.presets").iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = resources.files("hil.presets") / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
+    return _parse(path.read_text(encoding="utf-8"), f"preset {name}")
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    return _parse(p.read_text(encoding="utf-8"), str(p))
+
+
+def _parse(text: str, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where} is not valid TOML: {e}") from e
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of TOML tables: override wins, tables merge key by key."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build(data: dict[str, Any]) -> RunConfig:
+    """Strictly turn a TOML dictionary into a :class:`RunConfig`."""
+    try:
+        return _build(RunConfig, data, "")
+    except ValueRangeError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{path}] must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{path or 'top level'}]; allowed: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required key is missing
+        raise ConfigError(f"[{path or 'top level'}]: {e}") from e
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for alt in args:
+            try:
+                return _coerce(alt, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} fits none of the allowed types ({'; '.join(errors)})")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def resolve(preset: str | None = None, file: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Preset, then file, then command-line overrides (``{"train": {"epochs": 3}}``), each deep-merged."""
+    data: dict[str, Any] = {}
+    if preset:
+        data = merge(data, load_preset(preset))
+        data.setdefault("name", preset)
+    if file:
+        data = merge(data, load_file(file))
+    if overrides:
+        data = merge(data, overrides)
+    return build(data)
