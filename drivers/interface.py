@@ -54,6 +54,11 @@ class Described(Protocol):
     def snapshot(self) -> dict:
         """Every setting, for run records: identity, topology, gains, scales, device model, converters, limits."""
 
+    def describe(self) -> dict:
+        """The instrument's own description of its physics (JSON), unlike ``snapshot`` which adds the host's view:
+        ``{"device": {"model": "soft_bounds", "dw_min": 0.001, "w_max": 0.6, ...}, "dac": {...}, "adc": {...},
+        "transimpedance_ohms": 10000.0, ...}``."""
+
 
 @runtime_checkable
 class Driven(Protocol):
@@ -77,6 +82,9 @@ class Driven(Protocol):
 
     def set_feedback_gain(self, edge: int, gain: float) -> None:
         """FRE feedback regulation for one edge, 0..1 (1 = standard EP)."""
+
+    def set_weight_scale(self, edge: int, scale: float, *, feedback: bool = False) -> None:
+        """The weight mapping of one matrix: effective weight = scale * device weight (a calibration output)."""
 
     def settle(self, steps: int) -> None:
         """Run ``steps`` steps of the dynamics in the current phase and return once they are done (*OPC?)."""

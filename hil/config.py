@@ -64,6 +64,9 @@ class InstrumentConfig:
     calibration: str = ""  # path of a `hil calibrate` JSON file; empty = the instrument's nominal values
     bit_length: int = 31  # outer mode: stochastic pulse-train length
     timeout_s: float = 5.0
+    input_volts: float = 1.0  # volts per unit of input data (data lie in [0, 1])
+    weight_range: float = 4.0  # without calibration: the device's nominal w_max maps to this many initial bounds
+    program_tolerance: float = 1e-3  # write-verify tolerance when weights are programmed, effective units
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 

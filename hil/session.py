@@ -60,7 +60,7 @@ def run_training(cfg: RunConfig, run: RunDir, *, resume: bool = False, progress:
             from hil.telemetry import TelemetryPublisher
 
             publisher = TelemetryPublisher(cfg.telemetry.address)
-            print(f"telemetry: hil monitor {publisher.address}", flush=True)
+            print(f"telemetry: hil monitor {publisher.address} --snapshot {publisher.snapshot_address}", flush=True)
             publisher.start(cfg.name, config=cfg.to_dict(), instrument=snapshot, run_dir=str(run.path))
             telemetry = RunTelemetry(publisher, cfg.telemetry.every_samples, stats)
         summary = train(cfg, learner, data, run, resume=resume, progress=progress, telemetry=telemetry, extra_stats=stats)
@@ -73,5 +73,6 @@ def run_training(cfg: RunConfig, run: RunDir, *, resume: bool = False, progress:
         if closer is not None:
             closer()
         if publisher is not None:
-            publisher.stop(status, reason)
+            if publisher.run_open:
+                publisher.stop(status, reason)
             publisher.close()

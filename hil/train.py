@@ -169,12 +169,11 @@ def train(
             history.append(record)
             if telemetry is not None:
                 telemetry.evaluation(record)
-            if progress:
-                tqdm.write(
-                    f"epoch {record['epoch']:3d}  train loss {record['train_loss']:.4f}  "
-                    f"train acc {100 * record['train_accuracy']:.2f} %  test acc {100 * test_acc:.2f} %  "
-                    f"({record['seconds']:.1f} s)"
-                )
+            tqdm.write(  # one line per epoch, with or without the bar (CI logs want it too)
+                f"epoch {record['epoch']:3d}  train loss {record['train_loss']:.4f}  "
+                f"train acc {100 * record['train_accuracy']:.2f} %  test acc {100 * test_acc:.2f} %  "
+                f"({record['seconds']:.1f} s)"
+            )
             cursor.epoch, cursor.position, tally = cursor.epoch + 1, 0, EpochTally()
             checkpoint()
         if status == "interrupted":

@@ -1,0 +1,260 @@
+"""The host end of the FPGA serial link: frames, sequence numbers, retransmission, boot counter, statistics.
+
+One :meth:`FpgaLink.transact` is one command: encode the request, write it, read until the response with the
+same sequence number arrives, and return its body. A timeout, a partial or corrupt response, a CRC_ERROR or
+BUSY answer, or a dropped connection lead to a bounded number of retransmissions with the SAME sequence number;
+the device keeps the responses of its last sequence numbers, so a command whose response was lost is answered
+again and never executed twice. A changed boot counter (or NOT_SYNCED) means the device rebooted and lost that
+cache: :class:`DeviceRestarted` is raised and the next command starts with a SYNC handshake.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import serial
+
+from drivers.errors import DeviceRestarted, InstrumentError, LinkError, ReplyError
+from drivers.timeouts import serial_s
+from protocols import fpga_messages as m
+from protocols.errors import ProtocolError, ValueRangeError
+from protocols.fpga_messages import Opcode, Status
+from protocols.framing import DELIMITER, FrameDecodeError, FrameReader, encode_frame
+
+log = logging.getLogger(__name__)
+
+_LOG_BYTES = 128  # frames longer than this are logged shortened (a weight chunk is 64 KiB)
+
+
+class FpgaStatusError(InstrumentError):
+    """The device answered a status other than OK; ``code`` is the status byte, ``name`` its name."""
+
+    def __init__(self, code: int, message: str, command: str = "") -> None:
+        self.name = Status(code).name if code in Status._value2member_map_ else f"0x{code:02X}"
+        super().__init__(code, f"{self.name}: {message}", command)
+
+
+class UnknownOpcodeError(FpgaStatusError):
+    """UNKNOWN_OPCODE: the firmware does not implement the command (older firmware?)."""
+
+
+class BadLengthError(FpgaStatusError, ReplyError):
+    """BAD_LENGTH: the payload does not match the opcode's layout or the board's topology."""
+
+
+class OutOfRangeError(FpgaStatusError, ValueRangeError):
+    """OUT_OF_RANGE: a value outside what the device accepts; nothing was changed."""
+
+
+class BadStateError(FpgaStatusError):
+    """BAD_STATE: not allowed in the device's current state (e.g. feedback matrix on a tied board)."""
+
+
+class BadVersionError(FpgaStatusError):
+    """BAD_VERSION: the device speaks another protocol version."""
+
+
+class DeviceFailure(FpgaStatusError):
+    """DEVICE_ERROR: the device failed internally while executing the command."""
+
+
+STATUS_ERRORS: dict[Status, type[FpgaStatusError]] = {
+    Status.UNKNOWN_OPCODE: UnknownOpcodeError,
+    Status.BAD_LENGTH: BadLengthError,
+    Status.OUT_OF_RANGE: OutOfRangeError,
+    Status.BAD_STATE: BadStateError,
+    Status.BAD_VERSION: BadVersionError,
+    Status.DEVICE_ERROR: DeviceFailure,
+}
+STAT_KEYS = ("bytes_sent", "bytes_received", "round_trips", "pulses_sent", "frames_sent", "retransmissions",
+             "timeouts", "partial_frames", "corrupt_frames", "stale_frames", "crc_rejected", "busy", "reconnects",
+             "restarts")  # fmt: skip
+
+
+class FpgaLink:
+    """Framed request/response over one pyserial port (device path or URL). Thread safe: one lock."""
+
+    def __init__(self, port: str, *, timeout_s: float = 1.0, retries: int = 3, baudrate: int = 115200) -> None:
+        if not (timeout_s > 0) or retries < 0:
+            raise ValueRangeError(f"timeout_s must be > 0 and retries >= 0, got {timeout_s!r}, {retries!r}")
+        self.port = port
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.baudrate = int(baudrate)
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self.boot: int | None = None
+        self.max_payload = m.MAX_PAYLOAD
+        self._need_sync = True
+        self._seq = int.from_bytes(os.urandom(2), "little")  # a fresh session never collides with cached seqs
+        self._lock = threading.RLock()
+        self._reader = FrameReader()
+        self._serial = self._open()
+
+    def _open(self) -> serial.SerialBase:
+        try:
+            return serial.serial_for_url(self.port, baudrate=self.baudrate, timeout=serial_s(self.timeout_s),
+                                         write_timeout=serial_s(max(self.timeout_s, 5.0)))  # fmt: skip
+        except (serial.SerialException, ValueError, OSError) as e:
+            raise LinkError(f"cannot open serial port {self.port!r}: {e}; check the path or socket:// URL") from e
+
+    def close(self) -> None:
+        with self._lock:
+            if self._serial is not None and self._serial.is_open:
+                self._serial.close()
+
+    def sync(self) -> dict[str, Any]:
+        """SYNC handshake: the device clears its sequence cache and accepts commands of this boot."""
+        with self._lock:
+            body = self._transact(Opcode.SYNC, b"")
+            reply = m.decode_response(Opcode.SYNC, body)
+            self.max_payload = int(reply["max_payload"])
+            self._need_sync = False
+            return reply
+
+    def transact(self, opcode: Opcode | int, payload: bytes = b"") -> bytes:
+        """Send one command and return the OK response's body; raises typed errors for the rest.
+
+        ``opcode`` may be a plain int (an opcode of newer firmware, or a conformance test of UNKNOWN_OPCODE)."""
+        with self._lock:
+            if self._need_sync:
+                self.sync()
+            return self._transact(opcode, payload)
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFF
+        return self._seq
+
+    def _transact(self, opcode: Opcode | int, payload: bytes) -> bytes:
+        opcode = _Named(opcode)
+        seq = self._next_seq()
+        wire = DELIMITER + encode_frame(seq, opcode, payload)
+        problem = "no attempt made"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats["retransmissions"] += 1
+                log.debug("retransmit %s seq=%d (attempt %d): %s", opcode.name, seq, attempt + 1, problem)
+            if not self._write(wire, opcode, seq):
+                problem = "connection lost while writing"
+                continue
+            frame, problem = self._await(seq, opcode)
+            if frame is None:
+                continue
+            try:
+                status, boot, body = m.decode_envelope(frame.payload)
+            except ProtocolError as e:
+                raise ReplyError(f"{opcode.name} seq {seq}: {e}") from e
+            if status in (Status.CRC_ERROR, Status.BUSY):
+                self.stats["crc_rejected" if status == Status.CRC_ERROR else "busy"] += 1
+                problem = f"device answered {status.name}: {body[:120].decode(errors='replace')}"
+                if status == Status.BUSY:
+                    time.sleep(min(0.005 * 2**attempt, self.timeout_s))  # back off before asking a busy device again
+                continue
+            self.stats["round_trips"] += 1
+            if self.boot is not None and boot != self.boot or status == Status.NOT_SYNCED:
+                old, self.boot, self._need_sync = self.boot, boot, True
+                self.stats["restarts"] += 1
+                raise DeviceRestarted(
+                    f"device restarted (boot counter {old} -> {boot}) before {opcode.name} seq {seq}: neuron states "
+                    f"and settings are lost and the command may not have run; re-read weights before retrying"
+                )
+            self.boot = boot
+            if status != Status.OK:
+                message = body.decode("utf-8", errors="replace")
+                raise STATUS_ERRORS.get(status, FpgaStatusError)(int(status), message, opcode.name)
+            return body
+        raise LinkError(
+            f"no valid response to {opcode.name} (seq {seq}) on {self.port} after {self.retries + 1} attempts: "
+            f"{problem}; check the cable, the baud rate and that the device is powered"
+        )
+
+    def _write(self, wire: bytes, opcode: Opcode, seq: int) -> bool:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("-> %s seq=%d %s", opcode.name, seq, _hex(wire))
+        try:
+            if self._serial is None or not self._serial.is_open:
+                self._reconnect()
+            self._serial.write(wire)
+            self._serial.flush()
+        except (serial.SerialException, OSError) as e:
+            log.warning("write to %s failed (%s); reconnecting", self.port, e)
+            self._reconnect()
+            return False
+        self.stats["bytes_sent"] += len(wire)
+        self.stats["frames_sent"] += 1
+        return True
+
+    def _reconnect(self) -> None:
+        try:
+            if self._serial is not None:
+                self._serial.close()
+        except (serial.SerialException, OSError):
+            pass
+        self._reader = FrameReader()
+        self.stats["reconnects"] += 1
+        self._serial = self._open()
+
+    def _await(self, seq: int, opcode: Opcode) -> tuple[Any, str]:
+        """Read until the response to ``seq`` arrives (frame, "") or a reason to retransmit (None, why)."""
+        want = int(opcode) | m.RESPONSE_BIT
+        deadline = time.monotonic() + self.timeout_s  # pushed back while bytes keep arriving (slow links)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.stats["timeouts"] += 1
+                partial = self._reader.flush_partial()
+                if partial is not None:
+                    self.stats["partial_frames"] += 1
+                    return None, f"timeout after a partial response: {partial}"
+                return None, f"no response within {self.timeout_s:g} s"
+            try:
+                # Block for the first byte, then take whatever else has arrived without waiting: the socket://
+                # handler's in_waiting only says 0 or 1, and byte-wise reads of a 64 KiB reply cost seconds.
+                self._serial.timeout = serial_s(left)
+                data = self._serial.read(1)
+                if data:
+                    self._serial.timeout = 0
+                    data += self._serial.read(1 << 16)
+            except (serial.SerialException, OSError) as e:
+                log.warning("read from %s failed (%s); reconnecting", self.port, e)
+                self._reconnect()
+                return None, f"connection lost: {e}"
+            if not data:
+                continue
+            self.stats["bytes_received"] += len(data)
+            deadline = time.monotonic() + self.timeout_s
+            corrupt = None
+            for item in self._reader.feed(data):
+                if isinstance(item, FrameDecodeError):
+                    self.stats["corrupt_frames"] += 1
+                    log.debug("<- corrupt frame: %s", item)
+                    corrupt = item
+                elif item.seq == seq and item.opcode == want:
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("<- %s seq=%d %s", opcode.name, seq, item.payload[:_LOG_BYTES].hex(" "))
+                    return item, ""
+                else:
+                    self.stats["stale_frames"] += 1
+                    log.debug("<- stale frame seq=%d opcode=0x%02X ignored", item.seq, item.opcode)
+            if corrupt is not None:
+                return None, f"corrupt response: {corrupt}"
+
+
+class _Named(int):
+    """An opcode that always has a ``.name`` for messages, also when it is not in :class:`Opcode`."""
+
+    name: str
+
+    def __new__(cls, value: int) -> "_Named":
+        self = super().__new__(cls, int(value))
+        self.name = Opcode(value).name if value in Opcode._value2member_map_ else f"opcode 0x{int(value):02X}"
+        return self
+
+
+def _hex(data: bytes) -> str:
+    text = data[:_LOG_BYTES].hex(" ")
+    return text if len(data) <= _LOG_BYTES else f"{text} ... ({len(data)} bytes)"

@@ -1,0 +1,214 @@
+"""The VISA layer of a SCPI instrument: locked transactions, error-queue draining, reconnect-and-retry.
+
+PyVISA's layers (bytes -> terminated text -> typed values -> query) plus what lab users ask of a driver: every
+transaction holds the instrument's lock, is logged at DEBUG and counted in ``stats``; after a set command the
+error queue is drained and its entries raised as :class:`InstrumentError`; a timeout or a lost link reconnects,
+and only idempotent transactions are retried (bounded). A query the instrument refused sends no reply
+(IEEE 488.2), so after a silent query the error queue is asked before the link is blamed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+import pyvisa
+from pyvisa import errors as visa_errors
+
+from drivers.errors import InstrumentError, LinkError, ReplyError
+from drivers.timeouts import visa_ms
+from protocols.errors import ScpiError
+from protocols.scpi import parse_error_entry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+LINK_ERRORS = (visa_errors.VisaIOError, OSError, EOFError)
+
+
+class VisaLink:
+    """One VISA session to a SCPI instrument: ``stats``, one re-entrant lock, bounded reconnect-and-retry."""
+
+    def __init__(self, resource: str, *, timeout_s: float, retries: int, backend: str) -> None:
+        self.resource_name = resource
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.lock = threading.RLock()  # one per instrument; re-entrant so a caller can group transactions
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("bytes_sent", "bytes_received", "round_trips", "pulses_sent", "commands", "reconnects", "retries",
+             "instrument_errors"), 0)
+        try:
+            self._rm = pyvisa.ResourceManager(backend)
+        except (OSError, ValueError) as e:
+            raise LinkError(f"cannot load VISA backend {backend!r}: {e}; try backend='@py'") from e
+        self.res: Any = None
+        self.open()
+
+    def close(self) -> None:
+        """Release the VISA session (the resource manager stays: it is shared by every session of the backend)."""
+        if self.res is not None:
+            try:
+                self.res.close()
+            finally:
+                self.res = None
+
+    def open(self) -> None:
+        try:
+            self.res = self._rm.open_resource(
+                self.resource_name, read_termination="\n", write_termination="\n", timeout=visa_ms(self.timeout_s)
+            )
+        except LINK_ERRORS as e:
+            raise LinkError(f"cannot open {self.resource_name!r}: {e}; is the instrument (or emulator) running?") from e
+
+    def reconnect(self) -> None:
+        self.stats["reconnects"] += 1
+        log.warning("reconnecting to %s", self.resource_name)
+        try:
+            self.res.close()
+        except LINK_ERRORS:
+            log.debug("closing the broken session failed", exc_info=True)
+        self.open()
+        stale = self.collect_errors()
+        if stale:
+            log.warning("error queue after reconnect: %s", stale)
+
+    def refused(self, error: Exception, what: str) -> None:
+        """After a silent query: a refused query sends no reply, so ask the error queue before blaming the link."""
+        if not (isinstance(error, visa_errors.VisaIOError) and error.error_code == pyvisa.constants.VI_ERROR_TMO):
+            return
+        try:
+            entries = self.collect_errors()
+        except (*LINK_ERRORS, ReplyError):
+            return  # the link is the problem after all
+        if entries:
+            self.stats["instrument_errors"] += len(entries)
+            raise InstrumentError(entries[0][0], entries[0][1], what) from error
+
+    def run(self, operation: Callable[[], T], *, idempotent: bool = True, what: str = "") -> T:
+        """One locked transaction with bounded reconnect-and-retry (only if ``idempotent``)."""
+        with self.lock:
+            if self.res is None:
+                raise LinkError(f"{what}: the link to {self.resource_name} is closed")
+            for attempt in range(self.retries + 1):
+                try:
+                    return operation()
+                except (*LINK_ERRORS, ReplyError) as e:
+                    log.warning("%s failed (attempt %d): %s", what or "transaction", attempt + 1, e)
+                    self.refused(e, what)
+                    try:
+                        self.reconnect()
+                    except (*LINK_ERRORS, ReplyError, LinkError) as again:
+                        raise LinkError(f"{what}: link lost and reconnect failed: {again}") from e
+                    if not idempotent:
+                        if isinstance(e, ReplyError):
+                            raise
+                        raise LinkError(f"{what}: no answer ({e}); not resent because it is not idempotent, "
+                                        "read the weights back to learn whether it was applied") from e
+                    if attempt == self.retries:
+                        if isinstance(e, ReplyError):
+                            raise
+                        raise LinkError(f"{what}: no answer after {self.retries + 1} attempts: {e}") from e
+                    self.stats["retries"] += 1
+        raise LinkError(f"{what}: unreachable")  # the loop always returns or raises
+
+    # ------------------------------------------------------------------------------------------ primitives
+    def write(self, command: str, block: np.ndarray | None = None, datatype: str = "f") -> None:
+        self.stats["commands"] += 1
+        if block is None:
+            log.debug("-> %s", command)
+            self.res.write(command)
+            self.stats["bytes_sent"] += len(command) + 1
+        else:
+            payload = block.size * np.dtype(datatype).itemsize
+            log.debug("-> %s<block %d x %s, %d bytes>", command, block.size, datatype, payload)
+            self.res.write_binary_values(command, np.ascontiguousarray(block.ravel()), datatype=datatype,
+                                         is_big_endian=False)
+            self.stats["bytes_sent"] += len(command) + 2 + len(str(payload)) + payload + 1
+
+    def read(self) -> str:
+        reply = self.res.read()
+        self.stats["round_trips"] += 1
+        self.stats["bytes_received"] += len(reply) + 1
+        log.debug("<- %s", reply)
+        return reply
+
+    def read_block(self, count: int, datatype: str = "f") -> np.ndarray:
+        try:
+            values = self.res.read_binary_values(datatype=datatype, is_big_endian=False, container=np.ndarray)
+        except (ValueError, visa_errors.InvalidBinaryFormat) as e:
+            raise ReplyError(f"malformed binary block: {e}") from e
+        self.stats["round_trips"] += 1
+        nbytes = values.size * values.itemsize
+        self.stats["bytes_received"] += nbytes + 3 + len(str(nbytes))
+        log.debug("<- <block %d x %s>", values.size, datatype)
+        if values.size != count:
+            raise ReplyError(f"block holds {values.size} elements, expected {count}")
+        if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+            raise ReplyError(f"block contains NaN or infinity: {values[~np.isfinite(values)][:4]}")
+        return np.array(values, dtype=np.float32 if datatype == "f" else values.dtype)
+
+    def ask(self, command: str) -> str:
+        self.write(command)
+        return self.read()
+
+    def collect_errors(self) -> list[tuple[int, str]]:
+        entries: list[tuple[int, str]] = []
+        for _ in range(40):  # the queue holds at most 32
+            reply = self.ask("SYST:ERR?")
+            try:
+                code, message = parse_error_entry(reply)
+            except ScpiError as e:
+                raise ReplyError(str(e)) from e
+            if code == 0:
+                return entries
+            entries.append((code, message))
+        raise ReplyError("error queue never reported empty")
+
+    def check(self, command: str) -> None:
+        entries = self.collect_errors()
+        if entries:
+            self.stats["instrument_errors"] += len(entries)
+            code, message = entries[0]
+            more = f" (+{len(entries) - 1} more: {entries[1:]})" if len(entries) > 1 else ""
+            raise InstrumentError(code, message + more, command)
+
+    def query(self, command: str) -> str:
+        return self.run(lambda: self.ask(command), what=command)
+
+    def set(self, command: str, block: np.ndarray | None = None, datatype: str = "f", *, idempotent: bool = True,
+             opc: bool = False) -> None:
+        """Write, wait for ``*OPC?`` if asked, then drain the error queue (entries raise InstrumentError)."""
+
+        def operation() -> None:
+            self.write(command, block, datatype)
+            if opc:
+                self.write("*OPC?")
+                reply = self.read()
+                if reply != "1":
+                    raise ReplyError(f"*OPC? after {command!r} answered {reply!r}, expected 1")
+            self.check(command)
+
+        self.run(operation, idempotent=idempotent, what=command)
+
+    def query_block(self, command: str, count: int, block: np.ndarray | None = None, *,
+                     idempotent: bool = True) -> np.ndarray:
+        def operation() -> np.ndarray:
+            self.write(command, block)
+            return self.read_block(count)
+
+        return self.run(operation, idempotent=idempotent, what=command)
+
+    def query_bytes(self, command: str) -> bytes:
+        def operation() -> bytes:
+            self.write(command)
+            try:
+                raw = self.res.read_binary_values(datatype="B", container=bytes)
+            except (ValueError, visa_errors.InvalidBinaryFormat) as e:
+                raise ReplyError(f"malformed block after {command!r}: {e}") from e
+            self.stats["round_trips"] += 1
+            self.stats["bytes_received"] += len(raw) + 12
+            return bytes(raw)
+
+        return self.run(operation, what=command)

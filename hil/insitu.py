@@ -1,0 +1,350 @@
+"""In-situ training: EP, C-EP and C-VF run on an instrument through the :class:`NeuronArray` interface.
+
+The instrument settles; the controller reads the states back, computes each edge's increment, turns it into
+pulses with the calibration (per-device step sizes, stochastic rounding, a per-step cap) and sends them in one
+of three modes (ARCHITECTURE.md "Update modes"):
+
+- ``matrix``: a signed pulse count per device, exact to the pulse quantum;
+- ``outer``: each C-EP increment is the difference of two rank-1 terms, ``c (s' s'^T - s s^T)``, each sent as
+  stochastic pulse trains (rows, columns, bit length): O(rows + cols) bytes, correct in expectation;
+- ``local``: the instrument applies the rule itself during the nudged phase; one round trip per sample where the
+  instrument offers :class:`SampleRunner`.
+
+Hardware is batch 1: a minibatch of ``B`` is processed sample by sample with the per-step rate ``eta / B``, so
+that the sum over a minibatch matches the batch-mean update of the software engine to first order.
+Every pulse command is journaled (write-ahead) before it is sent and marked done on acknowledgement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from drivers.interface import NeuronArray, SampleRunner
+from drivers.limits import Limits
+from hil.calibration import Calibration, CalibrationError, EdgeCalibration
+from hil.config import ConfigError, RunConfig
+from hil.journal import PulseJournal
+from hil.model import Network
+from hil.rules import BatchResult
+from hil.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def open_insitu(cfg: RunConfig, run: RunDir, *, resume: bool = False) -> "InSituLearner":
+    """Open the instrument named by ``cfg.instrument.resource`` and wrap it in a learner."""
+    from drivers import open_array
+
+    icfg = cfg.instrument
+    lim = icfg.limits
+    limits = Limits(
+        max_input_volts=lim.max_input_volts, max_nudge_amperes=lim.max_nudge_amperes,
+        max_pulses_per_device=lim.max_pulses_per_device, max_bit_length=lim.max_bit_length,
+        pulse_budget=lim.pulse_budget or None,
+    )
+    array = open_array(icfg.resource, limits=limits, timeout_s=icfg.timeout_s)
+    try:
+        calibration = Calibration.load(icfg.calibration) if icfg.calibration else None
+        journal = PulseJournal(run.journal_path, fsync=not icfg.resource.startswith("sim://"))
+        return InSituLearner(cfg, array, calibration, journal, resume=resume)
+    except BaseException:
+        array.close()
+        raise
+
+
+def nominal_calibration(array: NeuronArray, net: Network, weight_range: float) -> Calibration:
+    """What to use without a calibration file: the instrument's declared device parameters, and a mapping that
+    puts ``weight_range`` times each edge's initial weight bound at the device's nominal upper bound."""
+    desc = array.describe()
+    dev = desc.get("device", {})
+    dw = float(dev.get("dw_min", 0.001))
+    w_max = float(dev.get("w_max", 0.6))
+    asym = float(dev.get("up_down", 0.0))
+    edges = []
+    topo = array.topology()
+    for e, (i, j) in enumerate(topo["edges"]):
+        bound = float(net.W[e].abs().max())
+        scale = weight_range * bound / w_max
+        for fb in ([False, True] if topo["feedback"] == "untied" and i >= 1 else [False]):
+            edges.append(EdgeCalibration(edge=e, feedback=fb, scale=scale, dw_up=dw * (1 + asym), dw_down=dw * (1 - asym),
+                                         w_max=w_max, w_min=float(dev.get("w_min", -w_max))))
+    return Calibration(instrument=dict(array.identity()), topology=dict(topo), edges=edges,
+                       report={"source": "nominal device parameters from the instrument's description"})
+
+
+class InSituLearner:
+    """The hardware counterpart of :class:`hil.rules.Learner` (same interface, used by hil/train.py)."""
+
+    def __init__(self, cfg: RunConfig, array: NeuronArray, calibration: Calibration | None, journal: PulseJournal,
+                 *, resume: bool = False) -> None:
+        self.cfg, self.array, self.journal = cfg, array, journal
+        self.rule = cfg.rule
+        if self.rule.name not in ("ep", "cep", "cvf"):
+            raise ConfigError(f"rule {self.rule.name!r} does not run on an instrument; use ep, cep or cvf")
+        if cfg.model.readout != "state" or cfg.model.bias:
+            raise ConfigError("on an instrument the model needs readout = 'state' and bias = false (the boards have no "
+                              "learnable biases); see the digits-hw presets")
+        self.mode = cfg.instrument.update_mode
+        self.net = Network(cfg.model, seed=cfg.train.seed, dtype=torch.float64)  # initial weights, conventions
+        self._check_topology(array.topology())
+        if self.mode == "local" and self.rule.name == "ep":
+            raise ConfigError("update_mode 'local' applies updates during the nudged phase: use rule cep or cvf")
+        self.matrices = [(e, False) for e in range(len(self.net.edges))] + [
+            (e, True) for e in range(len(self.net.edges)) if self.net.B[e] is not None
+        ]
+        self.calibration = calibration or nominal_calibration(array, self.net, cfg.instrument.weight_range)
+        if calibration is not None:
+            calibration.check_topology(array.topology())
+        self.eta = [lr / cfg.train.batch_size for lr in self.rule.edge_lrs(len(self.net.edges))]
+        self.cap = cfg.instrument.limits.max_pulses_per_device
+        self.samples_seen = 0
+        self.counters = {"pulses_sent": 0, "pulse_commands": 0, "clipped": 0}
+        self.transimpedance = float(array.describe().get("transimpedance_ohms", 1e4))
+        self._steps: dict[tuple[int, bool], tuple[Any, Any]] = {}
+        self._setup(program=not resume)
+
+    # ------------------------------------------------------------------ set-up
+    def _check_topology(self, topo: dict) -> None:
+        want = (self.net.sizes, [tuple(e) for e in self.net.edges], self.cfg.model.feedback, self.cfg.model.activation)
+        have = (list(topo["sizes"]), [tuple(e) for e in topo["edges"]], topo["feedback"], topo["activation"])
+        if want != have:
+            raise ConfigError(
+                f"the instrument is wired as sizes={have[0]} edges={have[1]} feedback={have[2]} activation={have[3]}, "
+                f"the config wants sizes={want[0]} edges={want[1]} feedback={want[2]} activation={want[3]}; "
+                f"start the emulator with matching options (sim://analog?sizes=...) or change [model]"
+            )
+
+    def _setup(self, *, program: bool) -> None:
+        a = self.array
+        a.reset()
+        for e, g in enumerate(self.net.gamma):
+            a.set_feedback_gain(e, g)
+        for e, fb in self.matrices:
+            c = self.calibration.edge(e, fb)
+            if fb:
+                a.set_weight_scale(e, c.scale, feedback=True)
+            else:
+                a.set_weight_scale(e, c.scale)
+            shape = tuple(self._weights_sw(e, fb).shape)
+            self._steps[(e, fb)] = c.step_arrays(shape)
+        if program:
+            for e, fb in self.matrices:
+                self._program(e, fb, self._weights_sw(e, fb))
+
+    def _weights_sw(self, e: int, fb: bool) -> np.ndarray:
+        t = self.net.B[e] if fb else self.net.W[e]
+        return t.detach().numpy().astype(np.float32)
+
+    def _program(self, e: int, fb: bool, w: np.ndarray) -> None:
+        residual = self.array.program_weights(e, w, feedback=fb, tolerance=self.cfg.instrument.program_tolerance)
+        if residual > 5 * self.cfg.instrument.program_tolerance:
+            log.warning("edge %d%s programmed with residual %.4g (tolerance %.4g)", e, " (feedback)" if fb else "",
+                        residual, self.cfg.instrument.program_tolerance)
+
+    # ------------------------------------------------------------------ one sample
+    def _drive(self, x: np.ndarray) -> None:
+        a = self.array
+        a.reset()
+        a.set_input(x * self.cfg.instrument.input_volts)
+        a.set_phase("FREE")
+        a.settle(self.rule.t1)
+
+    def _free_output(self, x: np.ndarray) -> np.ndarray:
+        if isinstance(self.array, SampleRunner):
+            return self.array.infer(x * self.cfg.instrument.input_volts, self.rule.t1)
+        self._drive(x)
+        out = self.array.read_state(len(self.net.sizes) - 1)[0]
+        self.array.set_phase("HOLD")
+        return out
+
+    def _beta(self) -> float:
+        if self.rule.beta_sign == "random":
+            rng = np.random.default_rng([self.cfg.train.seed, 0xBE7A, self.samples_seen])
+            return -self.rule.beta if rng.random() < 0.5 else self.rule.beta
+        return self.rule.beta
+
+    def _nudge(self, o: np.ndarray, y: np.ndarray, beta: float) -> None:
+        """Explicit current nudge: I = beta (y - o_t) / R, so the board adds R I = beta (y - o_t) volts."""
+        self.array.set_nudge_current(beta * (y - o) / self.transimpedance)
+
+    def _sample(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Train on one sample; returns the free-phase output (volts)."""
+        beta = self._beta()
+        if self.mode == "local":
+            if isinstance(self.array, SampleRunner):
+                return self.array.train_sample(x * self.cfg.instrument.input_volts, y, beta, self.rule.t1, self.rule.t2)
+            self._drive(x)
+            out = self.array.read_state(len(self.net.sizes) - 1)[0]
+            self.array.set_nudge_target(y, beta)
+            self.array.set_phase("NUDGE")
+            self.array.settle(self.rule.t2)
+            self.array.nudge_off()
+            self.array.set_phase("HOLD")
+            return out
+        a = self.array
+        self._drive(x)
+        s = a.read_state()
+        s_free = s
+        a.set_phase("NUDGE")
+        for t in range(self.rule.t2):
+            self._nudge(s[-1], y, beta)
+            a.settle(1)
+            s_new = a.read_state()
+            if self.rule.name != "ep":
+                self._update(self._continual_increments(s, s_new, beta), step=t)
+            s = s_new
+        a.nudge_off()
+        a.set_phase("HOLD")
+        if self.rule.name == "ep":
+            self._update(self._ep_increments(s_free, s, beta), step=self.rule.t2)
+        return s_free[-1]
+
+    # ------------------------------------------------------------------ increments -> pulses
+    def _continual_increments(self, s: list[np.ndarray], s_new: list[np.ndarray], beta: float) -> dict:
+        out = {}
+        for e, (i, j) in enumerate(self.net.edges):
+            c = self.eta[e] / beta
+            if self.rule.name == "cvf":
+                out[(e, False)] = ("outer1", c, s_new[j] - s[j], s[i])
+                if self.net.B[e] is not None:
+                    out[(e, True)] = ("outer1", c, s_new[i] - s[i], s[j])
+            else:
+                out[(e, False)] = ("outer2", c, (s_new[j], s_new[i]), (s[j], s[i]))
+        return out
+
+    def _ep_increments(self, s0: list[np.ndarray], sb: list[np.ndarray], beta: float) -> dict:
+        lrs = [lr / self.cfg.train.batch_size for lr in self.rule.edge_lrs(len(self.net.edges))]
+        return {(e, False): ("outer2", lrs[e] / beta, (sb[j], sb[i]), (s0[j], s0[i])) for e, (i, j) in enumerate(self.net.edges)}
+
+    def _dense(self, term: tuple) -> np.ndarray:
+        kind, c, a, b = term
+        if kind == "outer1":
+            return c * np.outer(a, b)
+        return c * (np.outer(*a) - np.outer(*b))
+
+    def _rng(self, step: int, e: int, fb: bool) -> np.random.Generator:
+        """Counter-based: the rounding noise is a function of (seed, sample, step, matrix), so a resumed run draws
+        exactly what an uninterrupted one would, with no generator state to save."""
+        return np.random.default_rng([self.cfg.train.seed, self.samples_seen, step, e, int(fb)])
+
+    def _update(self, increments: dict, *, step: int) -> None:
+        commands = []
+        for (e, fb), term in increments.items():
+            if self.mode == "outer":
+                commands.extend(self._outer_commands(e, fb, term))
+                continue
+            inc = self._dense(term)
+            up, down = self._steps[(e, fb)]
+            quanta = np.where(inc >= 0, inc / up, inc / down)
+            floor = np.floor(quanta)
+            counts = floor + (self._rng(step, e, fb).random(inc.shape) < (quanta - floor))
+            clipped = np.abs(counts) > self.cap
+            self.counters["clipped"] += int(clipped.sum())
+            counts = np.clip(counts, -self.cap, self.cap).astype(np.int8)
+            if counts.any():
+                commands.append({"edge": e, "feedback": fb, "mode": "matrix", "counts": counts})
+        if not commands:
+            return
+        base = {"sample": self.samples_seen, "step": step}
+        ids = self.journal.begin_many([{**base, **c} for c in commands])
+        for jid, c in zip(ids, commands):
+            if c["mode"] == "matrix":
+                res = self.array.apply_pulses(c["edge"], c["counts"], feedback=c["feedback"])
+            else:
+                res = self.array.apply_outer(c["edge"], c["rows"], c["cols"], c["bit_length"], feedback=c["feedback"])
+            self.journal.done(jid, {"pulses": int(res["pulses"])})
+            self.counters["pulses_sent"] += int(res["pulses"])
+            self.counters["pulse_commands"] += 1
+
+    def _outer_commands(self, e: int, fb: bool, term: tuple) -> list[dict]:
+        """A rank-1 term ``c a b^T`` as pulse trains: expected pulses per device ``BL |r_i| |q_k|`` should be
+        ``c a_i b_k / dw``, so ``r q^T = c a b^T / (dw BL)``, split evenly between rows and columns."""
+        kind, c, a, b = term
+        pairs = [(c, a, b)] if kind == "outer1" else [(c, *a), (-c, *b)]
+        up, down = self._steps[(e, fb)]
+        dw = float(np.median(np.add(up, down)) / 2)
+        bl = self.cfg.instrument.bit_length
+        out = []
+        for coef, u, v in pairs:
+            nu, nv = float(np.abs(u).max()), float(np.abs(v).max())
+            if nu == 0 or nv == 0 or coef == 0:
+                continue
+            k = abs(coef) * nu * nv / (dw * bl)  # wanted max pulse probability product
+            if k < 1e-12:
+                continue
+            ru, rv = min(1.0, np.sqrt(k)), min(1.0, np.sqrt(k))
+            rows = np.sign(coef) * (u / nu) * ru
+            cols = (v / nv) * rv
+            out.append({"edge": e, "feedback": fb, "mode": "outer", "rows": rows.astype(np.float32),
+                        "cols": cols.astype(np.float32), "bit_length": bl})
+        return out
+
+    # ------------------------------------------------------------------ learner interface
+    def train_batch(self, x: torch.Tensor, y: torch.Tensor) -> BatchResult:
+        xs, ys = x.double().numpy(), y.double().numpy()
+        outs = []
+        for b in range(len(xs)):
+            outs.append(self._sample(xs[b], ys[b]))
+            self.samples_seen += 1
+        return self._result(np.stack(outs), ys)
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> BatchResult:
+        xs, ys = x.double().numpy(), y.double().numpy()
+        return self._result(np.stack([self._free_output(v) for v in xs]), ys)
+
+    @staticmethod
+    def _result(out: np.ndarray, y: np.ndarray) -> BatchResult:
+        loss = 0.5 * ((out - y) ** 2).sum(axis=1)
+        pred = out.argmax(axis=1)
+        return BatchResult(float(loss.mean()), int((pred == y.argmax(axis=1)).sum()), torch.from_numpy(pred))
+
+    def parameters_for_checkpoint(self) -> dict[str, torch.Tensor]:
+        """Weights read back from the instrument (the truth), by the software network's names."""
+        return {f"{'B' if fb else 'W'}{e}": torch.from_numpy(self.array.read_weights(e, feedback=fb).copy())
+                for e, fb in self.matrices}
+
+    def load_parameters_from_checkpoint(self, params: dict[str, torch.Tensor]) -> None:
+        """Resume: roll the instrument back to the checkpoint. Updates journaled after it are superseded (their
+        effect is overwritten by write-verify programming), then the data feed replays from the checkpoint."""
+        for jid_entry in self.journal.pending():
+            self.journal.resolve(jid_entry["id"], "not_applied",
+                                 {"policy": "rolled back to the checkpoint by re-programming the weights"})
+        for e, fb in self.matrices:
+            target = params[f"{'B' if fb else 'W'}{e}"].numpy()
+            current = self.array.read_weights(e, feedback=fb)
+            if np.max(np.abs(current - target)) > 0:
+                self._program(e, fb, target)
+
+    def state_dict(self) -> dict:
+        return {"samples_seen": self.samples_seen, "counters": dict(self.counters)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples_seen = int(state["samples_seen"])
+        self.counters.update(state["counters"])
+
+    def stats(self) -> dict:
+        return {"pulses_sent": self.counters["pulses_sent"], "pulse_commands": self.counters["pulse_commands"]}
+
+    def snapshot(self) -> dict:
+        snap = self.array.snapshot()
+        snap["calibration"] = {"edges": [{"edge": c.edge, "feedback": c.feedback, "scale": c.scale, "dw_up": c.dw_up,
+                                          "dw_down": c.dw_down} for c in self.calibration.edges],
+                               "source": self.calibration.report.get("source", "file")}
+        snap["update_mode"] = self.mode
+        return snap
+
+    def close(self) -> None:
+        """Leave the instrument safe (the driver's close: HOLD, nudge off, inputs 0) and close the journal."""
+        try:
+            self.array.close()
+        finally:
+            self.journal.close()
+
+
+def digest(arr: np.ndarray) -> str:
+    return hashlib.blake2b(arr.tobytes(), digest_size=8).hexdigest()

@@ -1,0 +1,7 @@
+"""``python -m mock_instruments analog|fpga [options]``: run an emulated instrument until interrupted."""
+
+import sys
+
+from mock_instruments.cli import main
+
+sys.exit(main())

@@ -1,0 +1,208 @@
+"""Programmable synapses of an emulated crossbar: device models acting on an array of conductance pairs.
+
+Each device holds a normalised weight ``w = (G+ - G-) / G_ref`` (dimensionless "device units"). Pulses move it
+according to one of the models of REFERENCE.md section 7, the way analog-AI simulators describe real devices:
+
+- ``ideal``: every pulse moves w by exactly ``dw_min``; no bounds, no noise, no variation, no stuck devices, and
+  exact (unrounded) increments are allowed, so the emulator can reproduce the software engine to float tolerance.
+- ``constant``: ``w <- clip(w +- dw (1 + c2c xi))``.
+- ``soft_bounds``: up ``w += dw_up (1 - w / w_max)(1 + c2c xi)``, down ``w -= dw_down (1 - w / w_min)(1 + c2c xi)``.
+- ``power``: with ``omega = (w_max - w) / (w_max - w_min)``, up ``w += dw_up omega^gamma_up``, down
+  ``w -= dw_down (1 - omega)^gamma_down`` (times the same c2c factor).
+
+Device-to-device (d2d) variation is drawn once per device from the array's seed: ``dw = dw_min max(1 + d2d xi, 0.05)``, an
+asymmetry ``a = up_down + up_down_d2d xi`` splitting it into ``dw_up = dw (1 + a)`` and ``dw_down = dw (1 - a)``,
+and bounds ``w_max (1 + w_bounds_d2d xi)``, ``w_min (1 + w_bounds_d2d xi')``. Cycle-to-cycle noise is drawn on every
+pulse. Write noise (standard deviation ``write_noise * dw_min``) is redrawn for every device a command touches and is
+seen by reads and by the dynamics but not by the hidden weight that later pulses act on. Drift multiplies the
+weight by ``((t + t0) / t0) ** -nu``, with ``t`` the steps since the device was last written. Stuck devices keep
+their power-on weight whatever they are sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from protocols.errors import ValueRangeError
+
+MODELS = ("ideal", "constant", "soft_bounds", "power")
+MAX_PULSES = 255  # per device per internal call (int8 commands are capped at 127; outer updates at bit_length 255)
+
+
+@dataclass
+class DeviceConfig:
+    """Device model and its statistics; all weights in normalised device units (``w_min < 0 < w_max``)."""
+
+    model: str = "soft_bounds"  # "ideal" | "constant" | "soft_bounds" | "power"
+    dw_min: float = 0.001  # nominal weight change per pulse
+    dw_min_d2d: float = 0.3  # relative device-to-device spread of the step
+    dw_min_c2c: float = 0.3  # relative cycle-to-cycle noise of every pulse
+    w_max: float = 0.6  # nominal upper bound
+    w_min: float = -0.6  # nominal lower bound
+    w_bounds_d2d: float = 0.3  # relative device-to-device spread of each bound
+    up_down: float = 0.0  # mean up/down asymmetry a: dw_up = dw (1 + a), dw_down = dw (1 - a)
+    up_down_d2d: float = 0.01  # device-to-device spread of a (absolute)
+    gamma_up: float = 1.0  # power-step exponent of up pulses
+    gamma_down: float = 1.0  # power-step exponent of down pulses
+    write_noise: float = 0.0  # std of the read-visible write noise, in units of dw_min
+    drift_nu: float = 0.0  # drift exponent; 0 = no drift
+    drift_t0_steps: float = 1.0  # drift reference time t0, in dynamics steps
+    stuck_fraction: float = 0.0  # fraction of devices that ignore every pulse
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ValueRangeError` naming the first field that no physical device could have."""
+        if self.model not in MODELS:
+            raise ValueRangeError(f"device model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        for name, value in asdict(self).items():
+            if name == "model":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise ValueRangeError(f"device {name} must be a finite number, got {value!r}")
+        positive = ("dw_min", "gamma_up", "gamma_down", "drift_t0_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueRangeError(f"device {name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("dw_min_d2d", "dw_min_c2c", "w_bounds_d2d", "up_down_d2d", "write_noise", "drift_nu"):
+            if getattr(self, name) < 0:
+                raise ValueRangeError(f"device {name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.w_min < 0 < self.w_max:
+            raise ValueRangeError(f"device bounds must satisfy w_min < 0 < w_max, got ({self.w_min!r}, {self.w_max!r})")
+        if not -1 < self.up_down < 1:
+            raise ValueRangeError(f"device up_down asymmetry must be in (-1, 1), got {self.up_down!r}")
+        if not 0 <= self.stuck_fraction <= 1:
+            raise ValueRangeError(f"device stuck_fraction must be in [0, 1], got {self.stuck_fraction!r}")
+
+    @property
+    def ideal(self) -> bool:
+        return self.model == "ideal"
+
+
+class DeviceArray:
+    """One crossbar matrix of devices: hidden weights, per-device parameters, and the pulse response.
+
+    ``now`` arguments are the array clock in dynamics steps (used only by drift). All randomness comes from the
+    seed sequence handed in, split into independent streams (d2d, c2c, write noise), so results are reproducible.
+    """
+
+    def __init__(
+        self, config: DeviceConfig, shape: tuple[int, int], initial: np.ndarray, seed: np.random.SeedSequence
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.shape = shape
+        d2d, c2c, write = (np.random.default_rng(s) for s in seed.spawn(3))
+        self._rng_c2c, self._rng_write = c2c, write
+        c = config
+        if c.ideal:
+            self.dw_up = np.full(shape, c.dw_min)
+            self.dw_down = np.full(shape, c.dw_min)
+            self.w_max = np.full(shape, np.inf)
+            self.w_min = np.full(shape, -np.inf)
+            self.stuck = np.zeros(shape, dtype=bool)
+        else:
+            # a slow device stays a (very) slow device: the spread is floored at 5% of dw_min, never dead
+            base = c.dw_min * np.maximum(1 + c.dw_min_d2d * d2d.standard_normal(shape), 0.05)
+            asym = c.up_down + c.up_down_d2d * d2d.standard_normal(shape)
+            self.dw_up = np.maximum(base * (1 + asym), 0.0)
+            self.dw_down = np.maximum(base * (1 - asym), 0.0)
+            # a bound can spread but never cross zero (soft bounds divide by it)
+            self.w_max = np.maximum(c.w_max * (1 + c.w_bounds_d2d * d2d.standard_normal(shape)), 0.05 * c.w_max)
+            self.w_min = np.minimum(c.w_min * (1 + c.w_bounds_d2d * d2d.standard_normal(shape)), 0.05 * c.w_min)
+            self.stuck = d2d.random(shape) < c.stuck_fraction
+        self.w = np.clip(np.asarray(initial, dtype=np.float64).reshape(shape), self.w_min, self.w_max)
+        self.noise = np.zeros(shape)  # read-visible write noise
+        self.written_at = np.zeros(shape)  # clock (steps) of each device's last write, for drift
+
+    # ----------------------------------------------------------------------------------------------- reads
+    def visible(self, now: float) -> np.ndarray:
+        """What a read (and the neuron dynamics) sees: drifted hidden weight plus write noise, shape ``shape``.
+
+        Always a new array: callers may keep it across later pulses."""
+        if self.config.ideal:
+            return self.w.copy()
+        w = self.w * self._drift_factor(now) if self.config.drift_nu > 0 else self.w.copy()
+        return w + self.noise if self.config.write_noise > 0 else w
+
+    def _drift_factor(self, now: float) -> np.ndarray:
+        t0 = self.config.drift_t0_steps
+        return ((now - self.written_at + t0) / t0) ** (-self.config.drift_nu)
+
+    def _settle_drift(self, mask: np.ndarray, now: float) -> None:
+        """Before writing a device, make its drifted conductance the hidden weight and restart its drift clock."""
+        if self.config.drift_nu > 0 and not self.config.ideal:
+            self.w[mask] *= self._drift_factor(now)[mask]
+            self.written_at[mask] = now
+
+    def _redraw_write_noise(self, mask: np.ndarray) -> None:
+        if self.config.write_noise > 0 and not self.config.ideal:
+            n = int(np.count_nonzero(mask))
+            self.noise[mask] = self.config.write_noise * self.config.dw_min * self._rng_write.standard_normal(n)
+
+    # ---------------------------------------------------------------------------------------------- writes
+    def pulse(self, counts: np.ndarray, now: float = 0.0) -> None:
+        """Fire ``counts`` signed pulses per device (+ potentiates), ``|counts| <= 255``, shape ``shape``.
+
+        Vectorised over devices; the only loop is over the pulse index (devices sorted by pulse count, so the
+        devices still receiving pulse p are a prefix of the sorted list).
+        """
+        counts = np.asarray(counts).reshape(self.shape).astype(np.int64)
+        if self.config.ideal:
+            self.w += counts * self.config.dw_min
+            return
+        touched = (counts != 0) & ~self.stuck
+        if not touched.any():
+            return
+        self._settle_drift(touched, now)
+        idx = np.flatnonzero(touched)
+        mag = np.abs(counts.ravel()[idx])
+        order = np.argsort(-mag, kind="stable")
+        idx, mag = idx[order], mag[order]
+        up = counts.ravel()[idx] > 0
+        w = self.w.ravel()[idx]
+        dw_up, dw_down = self.dw_up.ravel()[idx], self.dw_down.ravel()[idx]
+        w_max, w_min = self.w_max.ravel()[idx], self.w_min.ravel()[idx]
+        neg_mag = -mag
+        for p in range(int(mag[0])):
+            k = int(np.searchsorted(neg_mag, -p, side="left"))  # devices with more than p pulses
+            step = self._step(w[:k], up[:k], dw_up[:k], dw_down[:k], w_max[:k], w_min[:k])
+            step *= 1 + self.config.dw_min_c2c * self._rng_c2c.standard_normal(k)
+            w[:k] = np.clip(w[:k] + step, w_min[:k], w_max[:k])
+        np.put(self.w, idx, w)
+        self._redraw_write_noise(touched)
+
+    def _step(self, w, up, dw_up, dw_down, w_max, w_min) -> np.ndarray:
+        """Noise-free signed weight change of one pulse at weight ``w`` (vectors over the active devices)."""
+        model = self.config.model
+        if model == "constant":
+            return np.where(up, dw_up, -dw_down)
+        if model == "soft_bounds":
+            return np.where(up, dw_up * (1 - w / w_max), -dw_down * (1 - w / w_min))
+        omega = np.clip((w_max - w) / (w_max - w_min), 0.0, 1.0)
+        return np.where(up, dw_up * omega**self.config.gamma_up, -dw_down * (1 - omega) ** self.config.gamma_down)
+
+    def add_exact(self, delta: np.ndarray) -> None:
+        """Ideal model only: add an exact float increment (on-device learning without pulse quantisation)."""
+        if not self.config.ideal:
+            raise ValueRangeError(f"exact increments need the ideal device model, not {self.config.model!r}")
+        self.w += delta
+
+    def set_exact(self, target: np.ndarray) -> None:
+        """Ideal model only: program the weights exactly (write-verify with zero error)."""
+        if not self.config.ideal:
+            raise ValueRangeError(f"exact programming needs the ideal device model, not {self.config.model!r}")
+        self.w[...] = target
+
+    def state(self) -> dict:
+        """Copies of everything that can change after construction (for no-state-change checks and tests)."""
+        return {
+            "w": self.w.copy(),
+            "noise": self.noise.copy(),
+            "written_at": self.written_at.copy(),
+            "rng_c2c": self._rng_c2c.bit_generator.state,
+            "rng_write": self._rng_write.bit_generator.state,
+        }

@@ -1,0 +1,273 @@
+"""Serve the emulated FPGA array over a pty pair (a real serial device path) or over TCP (``socket://``).
+
+The transport half of the emulator: it reads bytes, splits them into frames, lets the fault injector spoil
+requests and responses, hands frames to :class:`FpgaDevice` and writes the answers back, paced to an optional
+link rate. The link rate is what a UART at a given baud rate allows (115200 baud 8N1 = 11520 bytes/s): both
+directions are paced, so a large transfer takes as long as it would on the real wire, and ``link_log`` records
+when each burst left so tests can check the pacing by counting bytes, not by timing the test.
+
+    with FpgaServer(ArrayPhysics(ArrayConfig([4, 6, 3]))) as server:   # prints nothing; server.resource
+        array = FpgaArray(server.resource)                             # "/dev/pts/7" or "socket://127.0.0.1:PORT"
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import select
+import socket
+import threading
+import time
+import tty
+from typing import Any, Callable
+
+from mock_instruments.faults import FaultConfig, FaultInjector
+from mock_instruments.fpga_device import FpgaDevice
+from protocols.errors import ValueRangeError
+from protocols.framing import DELIMITER, FrameDecodeError, FrameReader, decode_frame
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.05  # how often the serving thread checks for stop()
+_PACE_SLICE_S = 0.005  # a paced write releases at most this much link time of bytes at once
+
+
+class FpgaServer:
+    """An emulated FPGA array on a pty or TCP; see the module docstring. Context manager."""
+
+    def __init__(
+        self,
+        physics: Any,
+        transport: str = "pty",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        link_rate_bytes_per_s: float | None = None,
+        faults: FaultConfig | None = None,
+        cache_depth: int = 16,
+        serial: str = "FPGA0001",
+    ) -> None:
+        if transport not in ("pty", "tcp"):
+            raise ValueRangeError(f"transport {transport!r}: use 'pty' or 'tcp'")
+        if link_rate_bytes_per_s is not None and not (
+            math.isfinite(link_rate_bytes_per_s) and link_rate_bytes_per_s > 0
+        ):
+            raise ValueRangeError(f"link rate {link_rate_bytes_per_s!r} bytes/s must be finite and > 0 (or None)")
+        self.physics = physics
+        self.transport = transport
+        self.host, self.port = host, port
+        self.link_rate = link_rate_bytes_per_s
+        self.faults = FaultInjector(faults) if faults is not None and faults.enabled else None
+        self.device = FpgaDevice(physics, self.faults, cache_depth=cache_depth, serial=serial)
+        self.link: dict[str, int] = {"rx_bytes": 0, "tx_bytes": 0, "connections": 0, "closed_by_fault": 0}
+        self.link_log: list[tuple[float, int]] = []  # (monotonic seconds, bytes) per paced burst sent
+        self.resource = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._fds: list[int] = []
+        self._sock: socket.socket | None = None
+        self._rx_free_at = 0.0  # when the emulated wire has delivered the last received byte
+        self._tx_free_at = 0.0
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def start(self) -> str:
+        """Open the pty or the listening socket and serve in a daemon thread; returns the resource string."""
+        if self._thread is not None:
+            return self.resource
+        if self.transport == "pty":
+            master, slave = os.openpty()
+            tty.setraw(slave)  # no echo, no line discipline: bytes pass unchanged
+            os.set_blocking(master, False)
+            self._fds = [master, slave]  # the slave stays open here so the master never sees EIO between clients
+            self.resource = os.ttyname(slave)
+            target: Callable[[], None] = self._serve_pty
+        else:
+            sock = socket.create_server((self.host, self.port))
+            sock.settimeout(_POLL_S)
+            self._sock = sock
+            self.port = sock.getsockname()[1]
+            self.resource = f"socket://{self.host}:{self.port}"
+            target = self._serve_tcp
+        self._thread = threading.Thread(target=target, name=f"fpga-server {self.resource}", daemon=True)
+        self._thread.start()
+        log.info("FPGA emulator serving on %s", self.resource)
+        return self.resource
+
+    def stop(self) -> None:
+        """Stop serving and release the pty or socket. Idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> "FpgaServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def power_cycle(self) -> None:
+        """Power-cycle the device now (as a lab user pulling the plug): states lost, boot counter + 1."""
+        self.device.power_cycle()
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Device counters (frames, executed, replayed, ...), link byte counts and the boot counter."""
+        out = dict(self.device.counters)
+        out.update(self.link)
+        out["boot"] = self.device.boot
+        return out
+
+    # ------------------------------------------------------------------------------------------ transports
+    def _serve_pty(self) -> None:
+        master = self._fds[0]
+        reader = FrameReader()
+        while not self._stop.is_set():
+            ready, _, _ = select.select([master], [], [], _POLL_S)
+            if not ready:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                continue
+            self._receive(data, reader, lambda chunk: self._write_fd(master, chunk), close=None)
+
+    def _write_fd(self, fd: int, data: bytes) -> bool:
+        view = memoryview(data)
+        while view and not self._stop.is_set():
+            _, ready, _ = select.select([], [fd], [], _POLL_S)
+            if not ready:
+                continue
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                continue
+        return not view
+
+    def _serve_tcp(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            self.link["connections"] += 1
+            with conn:
+                conn.settimeout(_POLL_S)
+                self._serve_connection(conn)
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        reader = FrameReader()
+        closed = threading.Event()
+
+        def send(chunk: bytes) -> bool:
+            try:
+                conn.sendall(chunk)
+                return True
+            except OSError:
+                closed.set()
+                return False
+
+        while not self._stop.is_set() and not closed.is_set():
+            try:
+                data = conn.recv(65536)
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            self._receive(data, reader, send, close=closed.set)
+
+    # ------------------------------------------------------------------------------------------ processing
+    def _receive(
+        self, data: bytes, reader: FrameReader, send: Callable[[bytes], bool], close: Callable[[], None] | None
+    ) -> None:
+        self.link["rx_bytes"] += len(data)
+        self._pace_rx(len(data))
+        for item in reader.feed_raw(data):
+            if isinstance(item, FrameDecodeError):
+                reply = self.device.reject(item)
+            else:
+                raw = self.faults.on_request(item) if self.faults is not None else item
+                reply = self._dispatch(raw)
+            if reply is None:
+                continue
+            wire = DELIMITER + reply
+            if self.faults is None:
+                self._send(wire, send)
+                continue
+            plan = self.faults.on_response(wire)
+            if plan.delay_s > 0:
+                self._stop.wait(plan.delay_s)
+            if plan.close:
+                self.link["closed_by_fault"] += 1
+                if close is not None:
+                    close()
+                    return
+                continue  # a pty cannot be closed by the device: the response is lost instead
+            if plan.data:
+                self._send(plan.data, send)
+
+    def _dispatch(self, raw: bytes) -> bytes | None:
+        # A corrupted request may now hold a 0x00: the device's receiver would see two frames.
+        replies = []
+        for piece in raw.split(DELIMITER):
+            if not piece:
+                continue
+            try:
+                frame = decode_frame(piece)
+            except FrameDecodeError as e:
+                replies.append(self.device.reject(e))
+                continue
+            action = self.faults.before_command() if self.faults is not None else "run"
+            replies.append(self.device.handle(frame, action))
+        answered = [r for r in replies if r is not None]
+        return DELIMITER.join(answered) if answered else None
+
+    # ------------------------------------------------------------------------------------------ link rate
+    def _pace_rx(self, n: int) -> None:
+        """Hold processing until ``n`` received bytes would have crossed a wire of the configured rate."""
+        if self.link_rate is None:
+            return
+        now = time.monotonic()
+        self._rx_free_at = max(self._rx_free_at, now) + n / self.link_rate
+        self._wait_until(self._rx_free_at)
+
+    def _send(self, wire: bytes, send: Callable[[bytes], bool]) -> None:
+        if self.link_rate is None:
+            if send(wire):
+                self.link["tx_bytes"] += len(wire)
+            return
+        slice_bytes = max(1, int(self.link_rate * _PACE_SLICE_S))
+        for start in range(0, len(wire), slice_bytes):
+            chunk = wire[start : start + slice_bytes]
+            # A chunk leaves once the wire has had time to carry it: its bytes arrive at the emulated baud rate.
+            self._tx_free_at = max(self._tx_free_at, time.monotonic()) + len(chunk) / self.link_rate
+            self._wait_until(self._tx_free_at)
+            if not send(chunk):
+                return
+            self.link["tx_bytes"] += len(chunk)
+            self.link_log.append((time.monotonic(), len(chunk)))
+
+    def _wait_until(self, deadline: float) -> None:
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._stop.wait(left)

@@ -1,0 +1,657 @@
+"""The physics core of an emulated EP neuron array: topology, neuron dynamics, nudge, converters, synapses.
+
+Written from ``docs/dynamics.md`` and REFERENCE.md sections 7-8 alone, independently of ``hil``'s software model,
+so that comparing the two catches mistakes in either. Hardware runs one sample at a time, so states are vectors
+``(n_k,)``; everything inside is float64 and only reads (through the ADC) come out as float32.
+
+Every public method validates all of its arguments before it touches any state: a bad value raises
+:class:`protocols.errors.ValueRangeError` and leaves the array exactly as it was (``state_dict()`` unchanged).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from mock_instruments.converters import Adc, Dac, check_bits, check_range
+from mock_instruments.devices import DeviceArray, DeviceConfig
+from protocols.errors import ValueRangeError
+
+ACTIVATIONS = {
+    "sigmoid4": lambda x: 0.5 * (1.0 + np.tanh(2.0 * (x - 0.5))),  # = 1 / (1 + exp(-4 (x - 0.5))), overflow-free
+    "hard_sigmoid": lambda x: np.clip(x, 0.0, 1.0),
+    "tanh": np.tanh,
+    "identity": lambda x: x,
+}
+PHASES = ("FREE", "NUDGE", "HOLD")
+MAX_LAYER = 65535
+MAX_STEPS = 1_000_000  # per call: keeps a single command bounded in time
+MAX_PULSE_COUNT = 127  # int8 on the wire, symmetric
+
+
+@dataclass
+class ArrayConfig:
+    """How an emulated array is built: topology, neuron circuit, converters, devices and the seed."""
+
+    sizes: list[int]  # neurons per layer, input first
+    skips: list[tuple[int, int]] = field(default_factory=list)  # extra (src, dst) edges, after the chain edges
+    feedback: str = "tied"  # "tied" (gamma W^T) or "untied" (separate B_e per edge)
+    activation: str = "sigmoid4"  # "sigmoid4" | "hard_sigmoid" | "tanh" | "identity"
+    dt: float = 1.0  # relaxation rate: 1 = discrete-time steps, < 1 = leaky continuous-time integration
+    nudge_placement: str = "outside"  # nudge added "outside" rho (C-EP default) or "inside" it
+    transimpedance_ohms: float = 1e4  # R of the output nodes: a nudge current I adds R * I volts
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    dac_bits: int | None = None  # input DAC resolution; None = ideal
+    dac_range_volts: tuple[float, float] = (-1.0, 1.0)
+    adc_bits: int | None = None  # state ADC resolution; None = ideal (no clipping either)
+    adc_range_volts: tuple[float, float] = (-2.0, 2.0)
+    read_noise: float = 0.0  # Gaussian read noise on states, volts (std)
+    compliance_amperes: float = 1e-4  # largest |nudge current| the output stage sources
+    seed: int = 0
+    init_scale: float = 1.0  # power-on weights uniform in +-init_scale / sqrt(fan_in), effective units
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ValueRangeError` naming the first setting no array could be built with."""
+        sizes = list(self.sizes)
+        if len(sizes) < 2 or not all(_is_int(n) and 1 <= n <= MAX_LAYER for n in sizes):
+            raise ValueRangeError(f"sizes must be >= 2 layer sizes, each an integer 1..{MAX_LAYER}, got {self.sizes!r}")
+        self.sizes = [int(n) for n in sizes]
+        skips = []
+        for pair in self.skips:
+            try:
+                i, j = (int(v) for v in pair)
+            except (TypeError, ValueError) as e:
+                raise ValueRangeError(f"skip edge must be a pair (src, dst), got {pair!r}") from e
+            if not 0 <= i < j < len(sizes) or j == i + 1 or (i, j) in skips:
+                raise ValueRangeError(
+                    f"skip edge {pair!r} must satisfy 0 <= src < dst <= {len(sizes) - 1}, not be a chain edge "
+                    "(dst = src + 1) and not repeat"
+                )
+            skips.append((i, j))
+        self.skips = skips
+        _choice(self.feedback, ("tied", "untied"), "feedback")
+        _choice(self.activation, tuple(ACTIVATIONS), "activation")
+        _choice(self.nudge_placement, ("outside", "inside"), "nudge_placement")
+        if not (_is_number(self.dt) and 0 < self.dt <= 1):
+            raise ValueRangeError(f"dt must be in (0, 1], got {self.dt!r}")
+        for name in ("transimpedance_ohms", "compliance_amperes"):
+            if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueRangeError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        for name in ("read_noise", "init_scale"):
+            if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueRangeError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        self.dac_bits = check_bits(self.dac_bits, "dac_bits")
+        self.adc_bits = check_bits(self.adc_bits, "adc_bits")
+        self.dac_range_volts = check_range(self.dac_range_volts, "dac_range_volts")
+        self.adc_range_volts = check_range(self.adc_range_volts, "adc_range_volts")
+        if not (_is_int(self.seed) and self.seed >= 0):
+            raise ValueRangeError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.device, DeviceConfig):
+            raise ValueRangeError(f"device must be a DeviceConfig, got {type(self.device).__name__}")
+        self.device.validate()
+
+    @property
+    def edges(self) -> list[tuple[int, int]]:
+        """Chain edges first, in order, then the skips in configured order (docs/dynamics.md)."""
+        return [(k, k + 1) for k in range(len(self.sizes) - 1)] + list(self.skips)
+
+    @classmethod
+    def query_keys(cls) -> set[str]:
+        """Every key :meth:`from_query` understands (a launcher strips its own keys, e.g. ``transport``, first)."""
+        return _query_keys()
+
+    @classmethod
+    def from_query(cls, params: dict[str, str]) -> "ArrayConfig":
+        """Build a config from a ``sim://...?sizes=64,256,10&skips=0-2&device=ideal`` query (values as strings).
+
+        Keys are the field names of ArrayConfig and DeviceConfig, plus ``device`` (the model), ``dac_range`` and
+        ``adc_range`` (``low,high``). ``adc_bits=none`` (or 0) means ideal. Unknown keys and bad values raise
+        :class:`ValueRangeError` naming them.
+        """
+        array_kw, device_kw = _parse_query(params)
+        array_kw["device"] = DeviceConfig(**device_kw)
+        return cls(**array_kw)
+
+
+class ArrayPhysics:
+    """An emulated neuron array with programmable synapses; see the module docstring and docs/dynamics.md."""
+
+    def __init__(self, config: ArrayConfig) -> None:
+        config.validate()
+        self.config = config
+        self.sizes = list(config.sizes)
+        self.edges = config.edges
+        self.untied = config.feedback == "untied"
+        self._rho = ACTIVATIONS[config.activation]
+        root = np.random.SeedSequence(config.seed)
+        init_seq, read_seq, train_seq, learn_seq, dev_seq = root.spawn(5)
+        init_rng = np.random.default_rng(init_seq)
+        self._rng_train = np.random.default_rng(train_seq)  # stochastic pulse trains (outer updates)
+        self._rng_learn = np.random.default_rng(learn_seq)  # stochastic rounding of local updates
+        self._dac = Dac(config.dac_bits, config.dac_range_volts)
+        self._adc = Adc(config.adc_bits, config.adc_range_volts, config.read_noise, np.random.default_rng(read_seq))
+        dev_seeds = dev_seq.spawn(2 * len(self.edges))
+        self._w: list[DeviceArray] = []
+        self._b: list[DeviceArray | None] = []  # untied feedback matrices; None for tied or input edges
+        for e, (i, j) in enumerate(self.edges):
+            self._w.append(self._new_matrix((self.sizes[j], self.sizes[i]), init_rng, dev_seeds[2 * e]))
+            has_b = self.untied and i >= 1
+            self._b.append(self._new_matrix((self.sizes[i], self.sizes[j]), init_rng, dev_seeds[2 * e + 1]) if has_b else None)
+        self._scale = {(e, fb): 1.0 for e in range(len(self.edges)) for fb in (False, True)}
+        self._cache: dict[tuple[int, bool], np.ndarray] = {}
+        self.clock = 0  # dynamics steps since construction (drift time base)
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("steps", "pulse_commands", "pulses", "outer_commands", "coincidences", "program_commands",
+             "local_updates", "resets", "power_cycles"), 0)
+        self._power_on()
+
+    def _new_matrix(self, shape, rng, seed) -> DeviceArray:
+        bound = self.config.init_scale / np.sqrt(shape[1])
+        return DeviceArray(self.config.device, shape, rng.uniform(-bound, bound, size=shape), seed)
+
+    def _power_on(self) -> None:
+        """Volatile settings to their power-on values (conductances, scales and the clock are non-volatile)."""
+        self._gain = [1.0] * len(self.edges)
+        self._bias = [np.zeros(n) for n in self.sizes]
+        self._eta = [0.0] * len(self.edges)
+        self._learn_beta: float | None = None
+        self._learning = False
+        self._clear()
+
+    # ------------------------------------------------------------------------------------------ topology, state
+    def topology(self) -> dict:
+        """``{"sizes": [4, 6, 3], "edges": [(0, 1), (1, 2), (0, 2)], "feedback": "tied", "activation": ...}``."""
+        return {"sizes": list(self.sizes), "edges": list(self.edges), "feedback": self.config.feedback,
+                "activation": self.config.activation}
+
+    def reset(self) -> None:
+        """States 0, phase HOLD, nudge off, input 0; weights, gains, scales, biases and learning settings kept."""
+        self._clear()
+        self.counters["resets"] += 1
+
+    def _clear(self) -> None:
+        self._states = [np.zeros(n) for n in self.sizes]
+        self._phase = "HOLD"
+        self._nudge: tuple[str, np.ndarray, float] | None = None  # ("current", R*I volts, 0) / ("target", y, beta)
+
+    def power_cycle(self) -> None:
+        """Everything volatile is lost (states, phase, input, nudge, gains, biases, learning); conductances and
+        scales (the calibration of the conductance readout) are non-volatile."""
+        self._power_on()
+        self.counters["power_cycles"] += 1
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    def set_phase(self, phase: str) -> None:
+        """FREE: dynamics without nudge; NUDGE: with nudge (and local learning if on); HOLD: states frozen."""
+        self._phase = _choice(phase, PHASES, "phase")
+
+    def set_input(self, volts: np.ndarray) -> None:
+        """Clamp the input layer to ``volts`` (shape ``(n_0,)``) through the DAC; outside the DAC range is refused."""
+        arr = _vector(volts, self.sizes[0], "input")
+        self._states[0] = self._dac.convert(arr)
+
+    def set_bias(self, layer: int, values: np.ndarray) -> None:
+        """Held (not learned) bias of a non-input layer, volts, shape ``(n_layer,)``."""
+        layer = _index(layer, len(self.sizes), "layer", low=1)
+        self._bias[layer] = _vector(values, self.sizes[layer], f"bias of layer {layer}")
+
+    def bias(self, layer: int) -> np.ndarray:
+        return self._bias[_index(layer, len(self.sizes), "layer", low=1)].copy()
+
+    def set_nudge_current(self, amperes: np.ndarray) -> None:
+        """Explicit nudge currents into the output nodes (amperes, ``|I| <= compliance``); leaves target mode."""
+        arr = _vector(amperes, self.sizes[-1], "nudge current")
+        limit = self.config.compliance_amperes
+        if np.any(np.abs(arr) > limit):
+            raise ValueRangeError(f"nudge current {float(np.abs(arr).max()):g} A exceeds the compliance {limit:g} A")
+        self._nudge = ("current", arr * self.config.transimpedance_ohms, 0.0)
+
+    def set_nudge_target(self, target: np.ndarray, beta: float) -> None:
+        """Target mode: at every nudged step the board adds ``beta * (target - o_t)`` with its own state ``o_t``."""
+        arr = _vector(target, self.sizes[-1], "nudge target")
+        beta = _number(beta, "beta")
+        self._nudge = ("target", arr, beta)
+
+    def nudge_off(self) -> None:
+        self._nudge = None
+
+    def set_gain(self, edge: int, gamma: float) -> None:
+        """Feedback gain gamma_e in [0, 1] (FRE feedback regulation; 1 = standard EP)."""
+        edge = _index(edge, len(self.edges), "edge")
+        gamma = _number(gamma, "feedback gain")
+        if not 0 <= gamma <= 1:
+            raise ValueRangeError(f"feedback gain must be in [0, 1], got {gamma!r}")
+        self._gain[edge] = gamma
+
+    def gain(self, edge: int) -> float:
+        return self._gain[_index(edge, len(self.edges), "edge")]
+
+    def set_scale(self, edge: int, scale: float, feedback: bool = False) -> None:
+        """Readout scale of one matrix: effective W = scale * w_device (finite, > 0)."""
+        key = self._key(edge, feedback)
+        scale = _number(scale, "scale")
+        if scale <= 0:
+            raise ValueRangeError(f"scale must be > 0, got {scale!r}")
+        self._scale[key] = scale
+        self._cache.pop(key, None)
+
+    def scale(self, edge: int, feedback: bool = False) -> float:
+        return self._scale[self._key(edge, feedback)]
+
+    def _key(self, edge: int, feedback: bool) -> tuple[int, bool]:
+        edge = _index(edge, len(self.edges), "edge")
+        if not isinstance(feedback, (bool, np.bool_)):
+            raise ValueRangeError(f"feedback must be True or False, got {feedback!r}")
+        if feedback and self._b[edge] is None:
+            why = "the board is tied" if not self.untied else "edges out of the input have no feedback"
+            raise ValueRangeError(f"edge {edge} has no feedback matrix: {why}")
+        return edge, bool(feedback)
+
+    def _device(self, key: tuple[int, bool]) -> DeviceArray:
+        return self._b[key[0]] if key[1] else self._w[key[0]]
+
+    def _effective(self, key: tuple[int, bool]) -> np.ndarray:
+        """Effective matrix the dynamics multiply by (scale * read-visible device weights), float64."""
+        device = self._device(key)
+        if device.config.drift_nu > 0 and not device.config.ideal:
+            return self._scale[key] * device.visible(self.clock)
+        if key not in self._cache:
+            self._cache[key] = self._scale[key] * device.visible(self.clock)
+        return self._cache[key]
+
+    def read_state(self, layer: int | None = None) -> list[np.ndarray]:
+        """States in volts through read noise and the ADC, float32: every layer (input first) or ``[layer]``."""
+        if layer is None:
+            return [self._adc.read(s) for s in self._states]
+        return [self._adc.read(self._states[_index(layer, len(self.sizes), "layer")])]
+
+    # ------------------------------------------------------------------------------------------------ dynamics
+    def step(self, n: int = 1) -> None:
+        """Run ``n`` synchronous steps of docs/dynamics.md in the current phase (HOLD: time passes, nothing moves)."""
+        n = _index(n, MAX_STEPS + 1, "step count")
+        learn = self._phase == "NUDGE" and self._learning
+        beta = self._rule_beta() if learn and n else None
+        for _ in range(n if self._phase != "HOLD" else 0):
+            new = self._next_states()
+            if learn:
+                self._local_update(self._states, new, beta)
+            self._states = new
+            self.clock += 1
+        if self._phase == "HOLD":
+            self.clock += n
+        self.counters["steps"] += n
+
+    def _next_states(self) -> list[np.ndarray]:
+        s, last, dt = self._states, len(self.sizes) - 1, self.config.dt
+        u = [self._bias[j].copy() for j in range(len(self.sizes))]
+        for e, (i, j) in enumerate(self.edges):
+            u[j] += self._effective((e, False)) @ s[i]
+            if i >= 1:
+                feedback = self._effective((e, True)) if self.untied else self._effective((e, False)).T
+                u[i] += self._gain[e] * (feedback @ s[j])
+        new = [s[0]]
+        for j in range(1, last + 1):
+            nudge = self._nudge_volts() if j == last and self._phase == "NUDGE" else None
+            if nudge is None:
+                target = self._rho(u[j])
+            elif self.config.nudge_placement == "outside":
+                target = self._rho(u[j]) + nudge
+            else:
+                target = self._rho(u[j] + nudge)
+            new.append(target if dt == 1.0 else s[j] + dt * (target - s[j]))
+        return new
+
+    def _nudge_volts(self) -> np.ndarray | None:
+        if self._nudge is None:
+            return None
+        kind, values, beta = self._nudge
+        return values if kind == "current" else beta * (values - self._states[-1])
+
+    # -------------------------------------------------------------------------------------------- plasticity
+    def set_local_learning(self, enabled: bool, eta: list[float] | None = None, beta: float | None = None) -> None:
+        """On-device C-EP (tied) / C-VF (untied) at every nudged step; eta per edge (>= 0), beta != 0.
+
+        ``None`` keeps the current eta / beta. Without a beta of its own the rule uses the target mode's beta.
+        """
+        if not isinstance(enabled, (bool, np.bool_)):
+            raise ValueRangeError(f"enabled must be True or False, got {enabled!r}")
+        new_eta = self._eta if eta is None else _etas(eta, len(self.edges))
+        new_beta = self._learn_beta if beta is None else _nonzero(beta, "learning beta")
+        self._learning, self._eta, self._learn_beta = bool(enabled), new_eta, new_beta
+
+    @property
+    def local_learning(self) -> tuple[bool, list[float], float | None]:
+        return self._learning, list(self._eta), self._learn_beta
+
+    def _rule_beta(self) -> float:
+        if self._learn_beta is not None:
+            return self._learn_beta
+        if self._nudge is not None and self._nudge[0] == "target" and self._nudge[2] != 0:
+            return self._nudge[2]
+        raise ValueRangeError("local learning needs a beta: set one with set_local_learning or use target mode")
+
+    def _local_update(self, old: list[np.ndarray], new: list[np.ndarray], beta: float) -> None:
+        """Apply one step's C-EP (tied) or C-VF (untied) increment to every edge with eta > 0."""
+        for e, (i, j) in enumerate(self.edges):
+            rate = self._eta[e] / beta
+            if rate == 0:
+                continue
+            if self.untied:
+                self._increment((e, False), rate * np.outer(new[j] - old[j], old[i]))
+                if i >= 1:
+                    self._increment((e, True), rate * np.outer(new[i] - old[i], old[j]))
+            else:
+                self._increment((e, False), rate * (np.outer(new[j], new[i]) - np.outer(old[j], old[i])))
+        self.counters["local_updates"] += 1
+
+    def _increment(self, key: tuple[int, bool], delta: np.ndarray) -> None:
+        """Effective-weight increment -> device: exact (ideal) or stochastically rounded pulses capped at 127."""
+        device = self._device(key)
+        quanta = delta / (self._scale[key] * device.config.dw_min)
+        if device.config.ideal:
+            device.add_exact(delta / self._scale[key])
+            self.counters["pulses"] += int(np.rint(np.abs(quanta)).sum())
+        else:
+            low = np.floor(quanta)
+            counts = low + (self._rng_learn.random(quanta.shape) < quanta - low)
+            counts = np.clip(counts, -MAX_PULSE_COUNT, MAX_PULSE_COUNT).astype(np.int64)
+            device.pulse(counts, self.clock)
+            self.counters["pulses"] += int(np.abs(counts).sum())
+        self._cache.pop(key, None)
+
+    def apply_pulses(self, edge: int, counts: np.ndarray, feedback: bool = False) -> int:
+        """Fire signed pulse counts (|count| <= 127, integer, the matrix's shape); returns pulses fired."""
+        key = self._key(edge, feedback)
+        device = self._device(key)
+        counts = _counts(counts, device.shape, MAX_PULSE_COUNT)
+        device.pulse(counts, self.clock)
+        self._cache.pop(key, None)
+        fired = int(np.abs(counts).sum())
+        self.counters["pulse_commands"] += 1
+        self.counters["pulses"] += fired
+        return fired
+
+    def apply_outer(self, edge: int, rows: np.ndarray, cols: np.ndarray, bit_length: int, feedback: bool = False) -> int:
+        """Rank-1 update by stochastic pulse trains; returns the number of coincidences (pulses) fired.
+
+        In each of ``bit_length`` slots row i fires with probability |rows_i| and column k with |cols_k|; every
+        coincidence is one pulse of sign sign(rows_i cols_k). The expected change is
+        ``bit_length * dw_min * outer(rows, cols)`` in device units.
+        """
+        key = self._key(edge, feedback)
+        device = self._device(key)
+        rows = _vector(rows, device.shape[0], "outer rows")
+        cols = _vector(cols, device.shape[1], "outer cols")
+        for name, v in (("rows", rows), ("cols", cols)):
+            if np.any(np.abs(v) > 1):
+                raise ValueRangeError(f"outer {name} must be in [-1, 1], got {float(np.abs(v).max()):g}")
+        bit_length = _index(bit_length, 256, "bit length", low=1)
+        row_fires = (self._rng_train.random((bit_length, rows.size)) < np.abs(rows)).astype(np.int64)
+        col_fires = (self._rng_train.random((bit_length, cols.size)) < np.abs(cols)).astype(np.int64)
+        coincidences = row_fires.T @ col_fires  # (n_rows, n_cols) pulses, all of one sign per device
+        counts = coincidences * np.outer(np.sign(rows), np.sign(cols)).astype(np.int64)
+        device.pulse(counts, self.clock)
+        self._cache.pop(key, None)
+        fired = int(coincidences.sum())
+        self.counters["outer_commands"] += 1
+        self.counters["coincidences"] += fired
+        self.counters["pulses"] += fired
+        return fired
+
+    def read_weights(self, edge: int, feedback: bool = False) -> np.ndarray:
+        """Effective weights (scale * read-visible device weight), float32, ``(n_dst, n_src)`` or transposed for B."""
+        return self._effective(self._key(edge, feedback)).astype(np.float32)
+
+    def program_weights(
+        self, edge: int, target: np.ndarray, feedback: bool = False, tolerance: float = 0.01, max_iterations: int = 20
+    ) -> float:
+        """Write-verify: read, pulse towards the target, repeat until max error <= tolerance; returns that error.
+
+        Targets are effective weights; non-ideal devices refuse targets outside ``scale * [w_min, w_max]``.
+        """
+        key = self._key(edge, feedback)
+        device = self._device(key)
+        target = _matrix(target, device.shape, "target weights")
+        tolerance = _number(tolerance, "tolerance")
+        if tolerance <= 0:
+            raise ValueRangeError(f"tolerance must be > 0, got {tolerance!r}")
+        max_iterations = _index(max_iterations, 1001, "max_iterations", low=1)
+        scale, cfg = self._scale[key], device.config
+        goal = target / scale
+        if not cfg.ideal and (goal.max() > cfg.w_max or goal.min() < cfg.w_min):
+            raise ValueRangeError(
+                f"target weights [{target.min():g}, {target.max():g}] outside the programmable range "
+                f"[{scale * cfg.w_min:g}, {scale * cfg.w_max:g}] (scale {scale:g})"
+            )
+        self.counters["program_commands"] += 1
+        if cfg.ideal:
+            device.set_exact(goal)
+        else:
+            # per-device step estimate, learnt from each device's measured response (slow devices get more pulses)
+            step = np.full(device.shape, cfg.dw_min)
+            read = device.visible(self.clock)
+            for _ in range(max_iterations):
+                error = goal - read
+                if np.abs(error).max() * scale <= tolerance:
+                    break
+                outside = np.abs(error) * scale > tolerance / 2
+                counts = np.clip(np.rint(error / step), -MAX_PULSE_COUNT, MAX_PULSE_COUNT) * outside
+                counts = counts.astype(np.int64)
+                device.pulse(counts, self.clock)
+                self.counters["pulses"] += int(np.abs(counts).sum())
+                before, read = read, device.visible(self.clock)
+                moved = np.abs(counts) >= 4  # enough pulses for a usable estimate despite c2c noise
+                measured = np.abs(read - before)[moved] / np.abs(counts[moved])
+                step[moved] = np.clip(0.5 * step[moved] + 0.5 * measured, 0.02 * cfg.dw_min, 5 * cfg.dw_min)
+        self._cache.pop(key, None)
+        return float(np.abs(self._effective(key) - target).max())
+
+    # ------------------------------------------------------------------------------------------ sample runner
+    def train_sample(self, x: np.ndarray, target: np.ndarray, beta: float, t1: int, t2: int) -> np.ndarray:
+        """One on-device learning sample: reset, clamp x, t1 free steps, read the output, then t2 nudged steps in
+        target mode with the local rule (current eta; the rule's beta is this ``beta``). Ends in HOLD, nudge off.
+        Returns the free-phase output read through the ADC, float32 ``(n_out,)``."""
+        x = _vector(x, self.sizes[0], "input")
+        self._dac.check(x)
+        target = _vector(target, self.sizes[-1], "nudge target")
+        beta = _nonzero(beta, "beta")
+        t1 = _index(t1, MAX_STEPS + 1, "t1")
+        t2 = _index(t2, MAX_STEPS + 1, "t2")
+        saved = self._learning, self._learn_beta
+        self.reset()
+        self.set_input(x)
+        self.set_phase("FREE")
+        self.step(t1)
+        free_out = self.read_state(len(self.sizes) - 1)[0]
+        self.set_nudge_target(target, beta)
+        self.set_phase("NUDGE")
+        self._learning, self._learn_beta = True, beta
+        try:
+            self.step(t2)
+        finally:
+            self._learning, self._learn_beta = saved
+            self.nudge_off()
+            self.set_phase("HOLD")
+        return free_out
+
+    def infer(self, x: np.ndarray, t1: int) -> np.ndarray:
+        """Reset, clamp x, ``t1`` free steps, read the output (ADC), then HOLD. float32 ``(n_out,)``."""
+        x = _vector(x, self.sizes[0], "input")
+        self._dac.check(x)
+        t1 = _index(t1, MAX_STEPS + 1, "t1")
+        self.reset()
+        self.set_input(x)
+        self.set_phase("FREE")
+        self.step(t1)
+        self.set_phase("HOLD")
+        return self.read_state(len(self.sizes) - 1)[0]
+
+    # ---------------------------------------------------------------------------------------------- records
+    def describe(self) -> dict:
+        """Device model, converters, neuron circuit and topology as a JSON-able dict (for *IDN-style snapshots)."""
+        c = self.config
+        topo = self.topology()
+        topo["edges"] = [list(e) for e in topo["edges"]]
+        return {
+            "topology": topo,
+            "device": asdict(c.device),
+            "dac": self._dac.describe(),
+            "adc": self._adc.describe(),
+            "dt": c.dt,
+            "nudge_placement": c.nudge_placement,
+            "transimpedance_ohms": c.transimpedance_ohms,
+            "compliance_amperes": c.compliance_amperes,
+            "init_scale": c.init_scale,
+            "seed": c.seed,
+        }
+
+    def state_dict(self) -> dict:
+        """Deep copy of everything that can change (states, settings, devices, RNG streams, counters, clock):
+        two equal state_dicts mean nothing was applied in between."""
+        return copy.deepcopy({
+            "states": self._states, "phase": self._phase, "nudge": self._nudge, "gain": self._gain,
+            "bias": self._bias, "scale": self._scale, "eta": self._eta, "learn_beta": self._learn_beta,
+            "learning": self._learning, "clock": self.clock, "counters": self.counters,
+            "rng": [r.bit_generator.state for r in (self._rng_train, self._rng_learn, self._adc.rng)],
+            "devices": [d.state() for d in self._w] + [d.state() for d in self._b if d is not None],
+        })
+
+
+
+# ------------------------------------------------------------------------------------- validation helpers
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: object) -> bool:
+    numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    return numeric and bool(np.isfinite(value))
+
+
+def _choice(value: object, options: tuple[str, ...], what: str) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise ValueRangeError(f"{what} must be one of {', '.join(options)}, got {value!r}")
+    return value
+
+
+def _number(value: object, what: str) -> float:
+    if not _is_number(value):
+        raise ValueRangeError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _nonzero(value: object, what: str) -> float:
+    value = _number(value, what)
+    if value == 0:
+        raise ValueRangeError(f"{what} must be non-zero (the rule divides by it)")
+    return value
+
+
+def _index(value: object, stop: int, what: str, low: int = 0) -> int:
+    if not _is_int(value) or not low <= int(value) < stop:
+        raise ValueRangeError(f"{what} must be an integer in {low}..{stop - 1}, got {value!r}")
+    return int(value)
+
+
+def _matrix(values: object, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """A finite real float64 array of exactly ``shape`` (a copy), or ValueRangeError quoting what was wrong."""
+    try:
+        arr = np.array(values)
+    except (TypeError, ValueError) as e:
+        raise ValueRangeError(f"{what} is not a numeric array: {e}") from e
+    if arr.dtype.kind not in "iuf":
+        raise ValueRangeError(f"{what} must be real numbers, got dtype {arr.dtype}")
+    if arr.shape != tuple(shape):
+        raise ValueRangeError(f"{what} must have shape {tuple(shape)}, got {arr.shape}")
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueRangeError(f"{what} contains NaN or infinity")
+    return arr
+
+
+def _vector(values: object, n: int, what: str) -> np.ndarray:
+    return _matrix(values, (n,), what)
+
+
+def _counts(counts: object, shape: tuple[int, int], cap: int) -> np.ndarray:
+    arr = np.asarray(counts)
+    if arr.dtype.kind not in "iu":
+        raise ValueRangeError(f"pulse counts must be integers (int8), got dtype {arr.dtype}")
+    if arr.shape != tuple(shape):
+        raise ValueRangeError(f"pulse counts must have shape {tuple(shape)}, got {arr.shape}")
+    arr = arr.astype(np.int64)
+    worst = int(np.abs(arr).max(initial=0))
+    if worst > cap:
+        raise ValueRangeError(f"pulse count {worst} exceeds {cap} per device per command")
+    return arr
+
+
+def _etas(eta: object, n_edges: int) -> list[float]:
+    values = list(eta) if isinstance(eta, (list, tuple, np.ndarray)) else None
+    if values is None or len(values) != n_edges:
+        raise ValueRangeError(f"eta must be a list of {n_edges} learning rates (one per edge), got {eta!r}")
+    out = [_number(v, "eta") for v in values]
+    if any(v < 0 for v in out):
+        raise ValueRangeError(f"eta must be >= 0 per edge, got {out!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- sim:// queries
+_ALIASES = {"device": "model", "dac_range": "dac_range_volts", "adc_range": "adc_range_volts"}
+_STRINGS = {"feedback", "activation", "nudge_placement", "model"}
+
+
+def _query_keys() -> set[str]:
+    names = {f.name for f in fields(ArrayConfig)} | {f.name for f in fields(DeviceConfig)}
+    return (names - {"device"}) | set(_ALIASES)
+
+
+def _parse_value(key: str, text: str) -> object:
+    if key in _STRINGS:
+        return text
+    if key == "sizes":
+        return [int(v) for v in text.split(",")]
+    if key == "skips":
+        return [tuple(int(v) for v in pair.split("-", 1)) for pair in text.split(",") if pair] if text else []
+    if key in ("dac_bits", "adc_bits"):
+        return None if text.lower() in ("", "none", "0") else int(text)
+    if key.endswith("_range_volts"):
+        lo, hi = text.split(",")
+        return (float(lo), float(hi))
+    if key == "seed":
+        return int(text)
+    value = float(text)
+    if not np.isfinite(value):
+        raise ValueError("not finite")
+    return value
+
+
+def _parse_query(params: dict[str, str]) -> tuple[dict, dict]:
+    """Split and parse a query into ArrayConfig and DeviceConfig keyword arguments."""
+    device_fields = {f.name for f in fields(DeviceConfig)}
+    array_kw: dict = {}
+    device_kw: dict = {}
+    for raw_key, raw in params.items():
+        key = _ALIASES.get(raw_key, raw_key)
+        if raw_key not in _query_keys():
+            raise ValueRangeError(f"unknown sim:// parameter {raw_key!r}; known: {', '.join(sorted(_query_keys()))}")
+        if isinstance(raw, (list, tuple)):
+            if len(raw) != 1:
+                raise ValueRangeError(f"sim:// parameter {raw_key!r} given {len(raw)} times: {raw!r}")
+            raw = raw[0]
+        try:
+            value = _parse_value(key, str(raw).strip())
+        except (TypeError, ValueError) as e:
+            raise ValueRangeError(f"bad value {raw!r} for sim:// parameter {raw_key!r}: {e}") from e
+        (device_kw if key in device_fields else array_kw)[key] = value
+    if "sizes" not in array_kw:
+        raise ValueRangeError("sim:// query needs sizes, e.g. sizes=64,256,10")
+    return array_kw, device_kw
