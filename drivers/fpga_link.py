@@ -155,7 +155,7 @@ class FpgaLink:
                     time.sleep(min(0.005 * 2**attempt, self.timeout_s))  # back off before asking a busy device again
                 continue
             self.stats["round_trips"] += 1
-            if self.boot is not None and boot != self.boot or status == Status.NOT_SYNCED:
+            if (self.boot is not None and boot != self.boot) or status == Status.NOT_SYNCED:
                 old, self.boot, self._need_sync = self.boot, boot, True
                 self.stats["restarts"] += 1
                 raise DeviceRestarted(

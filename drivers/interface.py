@@ -83,8 +83,14 @@ class Driven(Protocol):
     def set_feedback_gain(self, edge: int, gain: float) -> None:
         """FRE feedback regulation for one edge, 0..1 (1 = standard EP)."""
 
+    def feedback_gain(self, edge: int) -> float:
+        """The feedback gain of one edge as the instrument reports it."""
+
     def set_weight_scale(self, edge: int, scale: float, *, feedback: bool = False) -> None:
         """The weight mapping of one matrix: effective weight = scale * device weight (a calibration output)."""
+
+    def weight_scale(self, edge: int, *, feedback: bool = False) -> float:
+        """The weight mapping of one matrix as the instrument reports it."""
 
     def settle(self, steps: int) -> None:
         """Run ``steps`` steps of the dynamics in the current phase and return once they are done (*OPC?)."""

@@ -10,6 +10,7 @@ and only idempotent transactions are retried (bounded). A query the instrument r
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -61,6 +62,28 @@ class VisaLink:
             )
         except LINK_ERRORS as e:
             raise LinkError(f"cannot open {self.resource_name!r}: {e}; is the instrument (or emulator) running?") from e
+        if self.resource_name.upper().endswith("::SOCKET"):
+            self._no_delay()
+
+    def _no_delay(self) -> None:
+        """Switch Nagle's algorithm off on a raw-socket session.
+
+        A set is followed at once by ``SYST:ERR?``: two small writes. With Nagle on, the second waits until the
+        instrument ACKs the first, which delayed ACK postpones by ~40 ms: 44 ms per set instead of 0.1 ms.
+        pyvisa-py 0.8 registers the wrong setter for VI_ATTR_TCPIP_NODELAY (it raises UnknownAttribute), so
+        fall back to the option on the backend session's socket when the attribute call fails.
+        """
+        try:
+            self.res.set_visa_attribute(pyvisa.constants.VI_ATTR_TCPIP_NODELAY, True)
+            return
+        except Exception:  # noqa: BLE001 - any backend's refusal; the fallback below decides
+            log.debug("VI_ATTR_TCPIP_NODELAY refused by the backend", exc_info=True)
+        session = getattr(self.res.visalib, "sessions", {}).get(self.res.session)
+        sock = getattr(session, "interface", None)
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            log.warning("cannot disable Nagle on %s: expect ~40 ms per set command", self.resource_name)
 
     def reconnect(self) -> None:
         self.stats["reconnects"] += 1
@@ -201,6 +224,8 @@ class VisaLink:
         return self.run(operation, idempotent=idempotent, what=command)
 
     def query_bytes(self, command: str) -> bytes:
+        """A query answered by a block of raw bytes (e.g. UTF-8 JSON)."""
+
         def operation() -> bytes:
             self.write(command)
             try:
@@ -208,7 +233,8 @@ class VisaLink:
             except (ValueError, visa_errors.InvalidBinaryFormat) as e:
                 raise ReplyError(f"malformed block after {command!r}: {e}") from e
             self.stats["round_trips"] += 1
-            self.stats["bytes_received"] += len(raw) + 12
+            self.stats["bytes_received"] += len(raw) + 3 + len(str(len(raw)))
+            log.debug("<- <block of %d bytes> %r", len(raw), bytes(raw[:80]))
             return bytes(raw)
 
         return self.run(operation, what=command)

@@ -161,9 +161,9 @@ def fit_soft_bounds(resp: PulseResponse) -> SoftBoundsFit:
     good = resp.mask & ~stuck
     fit.medians = {k: float(np.median(getattr(fit, k)[good])) if good.any() else float("nan")
                    for k in ("dw_up", "dw_down", "w_max", "w_min", "r2")}
-    asym = (fit.dw_up - fit.dw_down) / (fit.dw_up + fit.dw_down)
-    fit.medians |= {"asymmetry_median": float(np.median(asym[good])), "asymmetry_std": float(np.std(asym[good])),
-                    "asymmetry_mean": float(np.mean(asym[good])), "devices": int(resp.mask.sum()),
+    asym = (fit.dw_up[good] - fit.dw_down[good]) / (fit.dw_up[good] + fit.dw_down[good])
+    fit.medians |= {"asymmetry_median": float(np.median(asym)), "asymmetry_std": float(np.std(asym)),
+                    "asymmetry_mean": float(np.mean(asym)), "devices": int(resp.mask.sum()),
                     "stuck": int(stuck.sum()), "c2c": c2c}
     return fit
 
@@ -210,8 +210,9 @@ def _flat(states: list[np.ndarray]) -> np.ndarray:
 
 def settle_trace(array: NeuronArray, volts: np.ndarray, *, max_steps: int = 200, tol: float = 1e-4,
                  extra: int = 3) -> np.ndarray:
-    """Free phase from reset with input ``volts``: ``max |s_{t+1} - s_t|`` over the non-input layers after each
-    ``settle(1)``, until it stays below ``tol`` for ``extra`` steps or ``max_steps``. Ends in HOLD."""
+    """Free phase from reset with input ``volts``; after each ``settle(1)`` the change of the non-input layers,
+    ``(steps, 2)``: column 0 ``max |s_{t+1} - s_t|`` (volts), column 1 its Euclidean norm. Stops once column 0
+    has stayed below ``tol`` for ``extra`` more steps, or at ``max_steps``. Ends in HOLD."""
     array.reset()
     array.set_input(volts)
     array.set_phase("FREE")
@@ -220,29 +221,32 @@ def settle_trace(array: NeuronArray, volts: np.ndarray, *, max_steps: int = 200,
         for _ in range(max_steps):
             array.settle(1)
             cur = _flat(array.read_state())
-            diffs.append(float(np.abs(cur - prev).max()))
+            diffs.append((float(np.abs(cur - prev).max()), float(np.linalg.norm(cur - prev))))
             prev = cur
-            below = below + 1 if diffs[-1] < tol else 0
+            below = below + 1 if diffs[-1][0] < tol else 0
             if below > extra:
                 break
     finally:
         array.set_phase("HOLD")
-    return np.asarray(diffs)
+    return np.asarray(diffs).reshape(-1, 2)
 
 
-def steps_to_settle(diffs: np.ndarray, tol: float) -> int:
-    """Steps until ``max |s_{t+1} - s_t| < tol`` (1-based); ``len(diffs) + 1`` when it never got there."""
-    hit = np.flatnonzero(diffs < tol)
-    return int(hit[0]) + 1 if hit.size else len(diffs) + 1
+def steps_to_settle(trace: np.ndarray, tol: float) -> int:
+    """Steps until ``max |s_{t+1} - s_t| < tol`` (1-based); ``len(trace) + 1`` when it never got there."""
+    hit = np.flatnonzero(trace[:, 0] < tol)
+    return int(hit[0]) + 1 if hit.size else len(trace) + 1
 
 
-def contraction(diffs: np.ndarray, tol: float, skip: int) -> float:
-    """Spectral-radius estimate: median ratio of successive state differences near the fixed point (after the
-    ``skip`` steps a signal needs to cross the layers, and above the tolerance floor). NaN without data."""
-    d = diffs[skip:]
-    ok = (d[:-1] > tol) & (d[1:] > 0.1 * tol)
-    ratios = d[1:][ok] / d[:-1][ok]
-    return float(np.median(ratios[-5:])) if ratios.size else float("nan")
+def contraction(trace: np.ndarray, tol: float, skip: int) -> float:
+    """Spectral-radius estimate: the geometric decay rate of ``||s_{t+1} - s_t||`` near the fixed point, a
+    log-linear fit over the steps after the ``skip`` a signal needs to cross the layers while the change is
+    still above the tolerance (below it, read noise and quantisation dominate). NaN with fewer than 2 points."""
+    t = np.arange(len(trace))
+    use = (t >= skip) & (trace[:, 0] >= tol) & (trace[:, 1] > 0)
+    if use.sum() < 2:
+        return float("nan")
+    slope = np.polyfit(t[use], np.log(trace[use, 1]), 1)[0]
+    return float(np.exp(slope))
 
 
 def measure_settling(array: NeuronArray, inputs: np.ndarray, *, tol: float = 1e-4, max_steps: int = 200,
@@ -251,9 +255,9 @@ def measure_settling(array: NeuronArray, inputs: np.ndarray, *, tol: float = 1e-
     layers = len(array.topology()["sizes"])
     steps, rho = [], []
     for x in inputs:
-        diffs = settle_trace(array, x, max_steps=max_steps, tol=tol)
-        steps.append(steps_to_settle(diffs, tol))
-        rho.append(contraction(diffs, tol, skip=layers - 1))
+        trace = settle_trace(array, x, max_steps=max_steps, tol=tol)
+        steps.append(steps_to_settle(trace, tol))
+        rho.append(contraction(trace, tol, skip=layers - 1))
         _tick(progress)
     steps_arr = np.asarray(steps)
     finite = np.asarray([r for r in rho if math.isfinite(r)])
@@ -297,6 +301,14 @@ def _line(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return g, o, rms
 
 
+CONVERTER_METHOD = (
+    "input neurons: set_input levels read back by read_state(0), per-neuron line fit (DAC and ADC together); "
+    "all neurons: offset and read noise from reads of the zero state after reset; output neurons: feedback gains 0, "
+    "a nudge current I shifts the settled output by R I, the slope of the read shift against nominal R I is the gain; "
+    "hidden neurons: offset and noise only (no way to drive them to a known voltage)"
+)
+
+
 def measure_converters(array: NeuronArray, *, levels: int = 7, reads: int = 8, settle_steps: int = 200,
                        progress: Progress | None = None) -> dict[str, Any]:
     """Converter gain and offset per neuron, as far as the interface lets them be driven.
@@ -323,7 +335,7 @@ def measure_converters(array: NeuronArray, *, levels: int = 7, reads: int = 8, s
     g_in, o_in, rms_in = _line(v, np.asarray(back, dtype=np.float64))
     array.reset()
     zero = np.asarray([np.concatenate(array.read_state()) for _ in range(reads)], dtype=np.float64)
-    out = {"method": measure_converters.__doc__.split("\n\n")[1].strip() if measure_converters.__doc__ else "",
+    out = {"method": CONVERTER_METHOD,
            "input_levels_volts": v.tolist(), "input_gain": g_in.tolist(), "input_offset_volts": o_in.tolist(),
            "input_rms_residual_volts": rms_in.tolist(),
            "zero_offset_volts": np.split(zero.mean(0), np.cumsum(sizes)[:-1])[1:],
@@ -425,8 +437,10 @@ def _set_scale(array: NeuronArray, edge: int, scale: float, feedback: bool) -> N
         array.set_weight_scale(edge, scale)
 
 
-def calibrate_matrix(array: NeuronArray, edge: int, feedback: bool, opts: CalibrationOptions,
-                     progress: Progress | None = None, scale: float = 1.0) -> tuple[PulseResponse, SoftBoundsFit, float]:
+def calibrate_matrix(
+    array: NeuronArray, edge: int, feedback: bool, opts: CalibrationOptions, progress: Progress | None = None,
+    scale: float = 1.0,
+) -> tuple[PulseResponse, SoftBoundsFit, float]:
     """Pulse-response run and fit of one matrix at weight scale 1; then scale ``scale`` and the original
     weights are put back (write-verify). Returns the residual of that reprogramming (NaN if not restored)."""
     o = opts.resolved()

@@ -21,7 +21,7 @@ from hil.rules import RuleConfig
 from protocols.errors import EqpropError, ValueRangeError
 
 
-DEFAULT_PRESET = "digits-cep"  # what a bare `hil train` runs
+DEFAULT_PRESET = "digits-hw"  # what a bare `hil train` runs
 
 
 class ConfigError(EqpropError, ValueError):

@@ -132,6 +132,8 @@ class InSituLearner:
                 a.set_weight_scale(e, c.scale)
             shape = tuple(self._weights_sw(e, fb).shape)
             self._steps[(e, fb)] = c.step_arrays(shape)
+        if self.mode == "local":
+            a.set_local_learning(True, eta=self.eta, beta=abs(self.rule.beta))
         if program:
             for e, fb in self.matrices:
                 self._program(e, fb, self._weights_sw(e, fb))

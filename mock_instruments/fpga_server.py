@@ -158,10 +158,10 @@ class FpgaServer:
         return not view
 
     def _serve_tcp(self) -> None:
-        assert self._sock is not None
-        while not self._stop.is_set():
+        sock = self._sock
+        while sock is not None and not self._stop.is_set():
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except (TimeoutError, socket.timeout):
                 continue
             except OSError:

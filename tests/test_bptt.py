@@ -9,7 +9,15 @@ from hil.bptt import BPTTLearner, bptt_oracle, free_loss, truncated_gradient
 from hil.model import Network, NetworkConfig
 from hil.rules import RuleConfig
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """These checks need float64; restore the default so other test modules are not affected."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 def _data(n_in: int, n_out: int, batch: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

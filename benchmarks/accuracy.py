@@ -1,0 +1,282 @@
+"""Accuracy benchmark: every learning rule against the backprop baseline on the same sizes, median of seeds.
+
+    python benchmarks/accuracy.py [--dataset digits mnist5k] [--rules ep cep cvf fre bp] [--seeds 0 1 2]
+                                  [--epochs N] [--workers 2] [--quick] [--out benchmarks/out]
+
+Why: the issue's claim is that EP, C-EP, C-VF (psi = 45 degrees) and FRE-RNN each learn as well as exact gradients
+would on the same architecture. The figure judged is the MEDIAN over seeds of the LAST-EPOCH test accuracy (the best
+epoch is optimistic and is only reported alongside). A rule passes when its median is at most 1.5 points below
+backprop's (being above backprop passes too); on the 360-digit test set differences under ~1.5 points are noise.
+
+Settings per data set (the rates are the presets', so the benchmark measures what a user gets):
+- digits: the presets digits-ep, digits-cep (3x the paper's C-EP-1h rates), digits-cvf (2x, psi 45), digits-fre,
+  digits-bp, 64-256-10, their 100 epochs.
+- mnist5k: the same presets with sizes 784-256-10 and 30 epochs by default; C-EP and C-VF use the paper's own
+  C-EP-1h / C-VF-1h rates (1x): REFERENCE.md section 9 found that the safe C-EP rate shrinks as the input grows
+  (784 inputs: 4x already collapses), so the digits presets' 2-3x would measure a known instability.
+Each (rule, seed) is one worker process with one torch thread, at most ``--workers`` at a time. The data split is
+seeded by the run's seed, so every rule sees the same split as the backprop run of the same seed.
+Writes OUT/accuracy.json (one entry per data set, merged with what is there) and OUT/accuracy.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import io
+import json
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+# Run as a script, this folder comes first on sys.path, and benchmarks/hil.py would shadow the hil package:
+# put the repository root first so that ``import hil`` is the package (spawned workers inherit sys.path).
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+if sys.path[:1] != [REPO_ROOT]:
+    sys.path.insert(0, REPO_ROOT)
+
+RULES = ("ep", "cep", "cvf", "fre", "bp")
+BASELINE = "bp"
+TOLERANCE_POINTS = 1.5
+PRESETS = {"ep": "digits-ep", "cep": "digits-cep", "cvf": "digits-cvf", "fre": "digits-fre", "bp": "digits-bp"}
+# data set -> sizes, default epochs (None: the preset's), per-rule [rule] overrides
+DATASETS: dict[str, dict[str, Any]] = {
+    "digits": {"sizes": [64, 256, 10], "epochs": None, "rule": {}},
+    "mnist5k": {
+        "sizes": [784, 256, 10],
+        "epochs": 30,
+        "rule": {"cep": {"lr": [0.0056, 0.0028]}, "cvf": {"lr": [0.0076, 0.0038]}},  # the paper's 1h rates (1x)
+    },
+}
+QUICK_EPOCHS, QUICK_LIMIT = 2, 400  # --quick: a smoke test, not a measurement
+DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+
+
+def overrides_for(rule: str, dataset: str, seed: int, epochs: int | None, quick: bool) -> dict[str, Any]:
+    """The TOML overrides that turn the rule's digits preset into this benchmark's run."""
+    spec = DATASETS[dataset]
+    train: dict[str, Any] = {"dataset": dataset, "seed": seed}
+    if epochs is None:
+        epochs = QUICK_EPOCHS if quick else spec["epochs"]
+    if epochs is not None:
+        train["epochs"] = epochs
+    if quick:
+        train["data_limit"] = QUICK_LIMIT
+    out: dict[str, Any] = {"model": {"sizes": list(spec["sizes"])}, "train": train}
+    if spec["rule"].get(rule):
+        out["rule"] = dict(spec["rule"][rule])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def train_one(preset: str, overrides: dict[str, Any], probe: Callable[..., dict] | None = None) -> dict[str, Any]:
+    """Train one configuration in this process (one torch thread) and return its learning curve.
+
+    ``probe(cfg, learner, data)``, if given, runs after training and its figures are added under ``"probe"``.
+    The per-epoch console lines of hil/train.py are swallowed: with parallel workers they would interleave.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    from hil.config import resolve
+    from hil.learners import build_learner
+    from hil.runs import RunDir
+    from hil.train import prepare_data, train
+
+    cfg = resolve(preset, None, overrides)
+    learner = build_learner(cfg)
+    data = prepare_data(cfg)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="accbench-") as tmp, contextlib.redirect_stdout(io.StringIO()):
+        run = RunDir.create(Path(tmp) / "run", cfg.to_dict())
+        summary = train(cfg, learner, data, run, progress=False)
+        curve = [m["test_accuracy"] for m in run.read_metrics() if "test_accuracy" in m]
+    result = {
+        "preset": preset,
+        "overrides": overrides,
+        "seed": cfg.train.seed,
+        "epochs": summary.epochs,
+        "last_epoch_accuracy": summary.test_accuracy,
+        "best_epoch_accuracy": summary.best_test_accuracy,
+        "test_accuracy_curve": [round(a, 4) for a in curve],
+        "seconds": time.perf_counter() - t0,
+        "n_train": data.n_train,
+        "n_test": data.n_test,
+    }
+    if probe is not None:
+        result["probe"] = probe(cfg, learner, data)
+    return result
+
+
+def run_jobs(
+    worker: Callable[..., dict], jobs: list[tuple], workers: int, label: Callable[[dict], str] = str
+) -> list[dict]:
+    """Run ``worker(*job)`` for every job, ``workers`` processes at a time (1: in this process), in job order.
+
+    Each result is printed as it arrives, so a long benchmark shows progress in its log.
+    """
+    results: list[dict | None] = [None] * len(jobs)
+    if workers <= 1:
+        for k, job in enumerate(jobs):
+            results[k] = worker(*job)
+            print(label(results[k]), flush=True)
+        return results  # type: ignore[return-value]
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited torch thread pools
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(worker, *job): k for k, job in enumerate(jobs)}
+        for fut in cf.as_completed(futures):
+            results[futures[fut]] = fut.result()
+            print(label(fut.result()), flush=True)
+    return results  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def summarise(results: Iterable[dict], *, key: str = "rule", baseline: str = BASELINE) -> dict[str, dict]:
+    """Per group (``key`` of each result): each seed's last-epoch accuracy, the median, and the gap to ``baseline``.
+
+    ``gap_to_bp_points`` is (median - baseline median) in percentage points; ``within_1p5_points`` is
+    ``gap >= -1.5`` (at most 1.5 points below backprop; above it passes).
+    """
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r[key], []).append(r)
+    out: dict[str, dict] = {}
+    for name, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        out[name] = {
+            "preset": rs[0]["preset"],
+            "overrides": {k: v for k, v in rs[0]["overrides"].items() if k != "train"} | {
+                "train": {k: v for k, v in rs[0]["overrides"]["train"].items() if k != "seed"}},
+            "epochs": rs[0]["epochs"],
+            "seeds": [r["seed"] for r in rs],
+            "last_epoch_accuracy": [r["last_epoch_accuracy"] for r in rs],
+            "best_epoch_accuracy": [r["best_epoch_accuracy"] for r in rs],
+            "median_last_epoch_accuracy": statistics.median(r["last_epoch_accuracy"] for r in rs),
+            "median_best_epoch_accuracy": statistics.median(r["best_epoch_accuracy"] for r in rs),
+            "seconds_per_run": statistics.median(r["seconds"] for r in rs),
+        }
+    if baseline in out:
+        ref = out[baseline]["median_last_epoch_accuracy"]
+        for entry in out.values():
+            gap = 100.0 * (entry["median_last_epoch_accuracy"] - ref)
+            entry["gap_to_bp_points"] = round(gap, 3)
+            entry["within_1p5_points"] = bool(gap >= -TOLERANCE_POINTS)
+    return out
+
+
+def table(summary: dict[str, dict], title: str) -> str:
+    lines = [title, f"{'rule':<10}{'median %':>9}  {'per seed (last epoch) %':<26}{'best-epoch med %':>17}"
+                    f"{'gap pts':>9}  within 1.5"]
+    for name, e in summary.items():
+        seeds = " ".join(f"{100 * a:.2f}" for a in e["last_epoch_accuracy"])
+        gap = e.get("gap_to_bp_points")
+        lines.append(
+            f"{name:<10}{100 * e['median_last_epoch_accuracy']:>9.2f}  {seeds:<26}"
+            f"{100 * e['median_best_epoch_accuracy']:>17.2f}"
+            + (f"{gap:>+9.2f}  {'yes' if e['within_1p5_points'] else 'NO'}" if gap is not None else "")
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, dict], path: Path) -> Path:
+    """One panel per data set: bars = median last-epoch accuracy, dots = seeds, band = backprop - 1.5 points."""
+    from hil.plots import new_figure, save_figure
+
+    names = list(report)
+    fig, axes = new_figure(ncols=len(names), width_in=4.2, height_in=3.2)
+    axes = axes if isinstance(axes, list) else [axes]
+    for ax, ds in zip(axes, names):
+        rules = report[ds]["rules"]
+        xs = range(len(rules))
+        med = [100 * e["median_last_epoch_accuracy"] for e in rules.values()]
+        ax.bar(xs, med, color=["C7" if r == BASELINE else "C0" for r in rules], width=0.6)
+        for x, e in zip(xs, rules.values()):
+            ax.plot([x] * len(e["last_epoch_accuracy"]), [100 * a for a in e["last_epoch_accuracy"]], "k.", ms=4)
+        if BASELINE in rules:
+            ref = 100 * rules[BASELINE]["median_last_epoch_accuracy"]
+            ax.axhspan(ref - TOLERANCE_POINTS, ref, color="C2", alpha=0.2, label="backprop - 1.5 points")
+            ax.legend(fontsize=7, loc="lower right")
+        lo = min(min(100 * a for a in e["last_epoch_accuracy"]) for e in rules.values())
+        ax.set_ylim(max(0.0, lo - 3.0), 100.0)
+        ax.set_xticks(list(xs), list(rules))
+        ax.set_ylabel("last-epoch test accuracy (%)")
+        ax.set_title(f"{ds} {'-'.join(map(str, report[ds]['sizes']))}, {report[ds]['epochs_label']}", fontsize=8)
+    return save_figure(fig, path, dpi=90)
+
+
+def _merge_json(path: Path, update: dict[str, Any]) -> dict[str, Any]:
+    """Keep the other data sets' entries already in ``path`` (each data set is run on its own)."""
+    old: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            old = {}
+    old.update(update)
+    path.write_text(json.dumps(old, indent=1) + "\n", encoding="utf-8")
+    return old
+
+
+def _label(r: dict) -> str:
+    return (f"  done {r['rule']:<4} seed {r['seed']}: last epoch {100 * r['last_epoch_accuracy']:.2f} % "
+            f"(best {100 * r['best_epoch_accuracy']:.2f} %), {r['seconds']:.0f} s")
+
+
+def _job(rule: str, preset: str, overrides: dict) -> dict:
+    return {"rule": rule} | train_one(preset, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", nargs="+", default=["digits"], choices=sorted(DATASETS))
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None, help="default: 100 (digits presets), 30 (mnist5k)")
+    parser.add_argument("--workers", type=int, default=2, help="parallel worker processes (1: in this process)")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epochs on {QUICK_LIMIT} samples")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of accuracy.json and accuracy.png")
+    parser.add_argument("--raw", type=Path, default=None, help="also write every run's learning curve here (JSON)")
+    args = parser.parse_args(argv)
+    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    update: dict[str, Any] = {}
+    for ds in args.dataset:
+        jobs = [(rule, PRESETS[rule], overrides_for(rule, ds, seed, args.epochs, args.quick))
+                for rule in args.rules for seed in args.seeds]
+        print(f"{ds}: {len(jobs)} runs, {args.workers} at a time", flush=True)
+        t0 = time.perf_counter()
+        results = run_jobs(_job, jobs, args.workers, _label)
+        if args.raw is not None:
+            args.raw.parent.mkdir(parents=True, exist_ok=True)
+            args.raw.with_name(f"{args.raw.stem}-{ds}{args.raw.suffix}").write_text(json.dumps(results), encoding="utf-8")
+        summary = summarise(results)
+        epochs = sorted({e["epochs"] for e in summary.values()})
+        update[ds] = {
+            "command": command,
+            "sizes": DATASETS[ds]["sizes"],
+            "epochs": epochs[0] if len(epochs) == 1 else epochs,
+            "epochs_label": f"{'/'.join(map(str, epochs))} epochs" + (" (quick)" if args.quick else ""),
+            "quick": args.quick,
+            "seeds": args.seeds,
+            "n_train": results[0]["n_train"],
+            "n_test": results[0]["n_test"],
+            "figure": "median over seeds of the last-epoch test accuracy (fraction)",
+            "tolerance_points": TOLERANCE_POINTS,
+            "wall_seconds": round(time.perf_counter() - t0, 1),
+            "rules": summary,
+        }
+        print(table(summary, f"{ds} {'-'.join(map(str, DATASETS[ds]['sizes']))}, {update[ds]['epochs_label']}, "
+                             f"seeds {args.seeds}, test set {results[0]['n_test']}"), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = _merge_json(args.out / "accuracy.json", update)
+    print(f"wrote {args.out / 'accuracy.json'} and {plot(report, args.out / 'accuracy.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
