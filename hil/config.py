@@ -38,6 +38,7 @@ class TrainConfig:
     batch_size: int = 20
     seed: int = 0
     device: str = "cpu"  # torch device of the software engine
+    checkpoint_every: int = 0  # also checkpoint every N training samples within an epoch (0 = at epoch ends only)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.data_limit < 0:
@@ -67,6 +68,7 @@ class InstrumentConfig:
     input_volts: float = 1.0  # volts per unit of input data (data lie in [0, 1])
     weight_range: float = 4.0  # without calibration: the device's nominal w_max maps to this many initial bounds
     program_tolerance: float = 1e-3  # write-verify tolerance when weights are programmed, effective units
+    use_recommended_gain: bool = False  # take the FRE feedback gain from the calibration (see hil/insitu.py)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 

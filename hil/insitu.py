@@ -90,6 +90,10 @@ class InSituLearner:
             raise ConfigError("on an instrument the model needs readout = 'state' and bias = false (the boards have no "
                               "learnable biases); see the digits-hw presets")
         self.mode = cfg.instrument.update_mode
+        self.lr_gain = 1.0
+        if cfg.instrument.use_recommended_gain:
+            cfg = self._with_recommended_gain(cfg, calibration)
+            self.cfg = cfg
         self.net = Network(cfg.model, seed=cfg.train.seed, dtype=torch.float64)  # initial weights, conventions
         self._check_topology(array.topology())
         if self.mode == "local" and self.rule.name == "ep":
@@ -101,14 +105,30 @@ class InSituLearner:
         if calibration is not None:
             calibration.check_topology(array.topology())
         self.eta = [lr / cfg.train.batch_size for lr in self.rule.edge_lrs(len(self.net.edges))]
+        top = len(self.net.sizes) - 1
+        # With feedback gain g < 1 the error reaching a layer below the output is scaled by g per feedback hop:
+        # dividing those edges' rates by g restores the learning speed (REFERENCE.md section 9).
+        self.eta = [eta / self.lr_gain ** (top - j) for eta, (_, j) in zip(self.eta, self.net.edges)]
         self.cap = cfg.instrument.limits.max_pulses_per_device
         self.samples_seen = 0
         self.counters = {"pulses_sent": 0, "pulse_commands": 0, "clipped": 0}
         self.transimpedance = float(array.describe().get("transimpedance_ohms", 1e4))
         self._steps: dict[tuple[int, bool], tuple[Any, Any]] = {}
-        self._setup(program=not resume)
+        # Program the initial weights even on resume: if the run died before its first checkpoint, replaying
+        # from the start needs them; with a checkpoint, load_parameters_from_checkpoint re-programs its weights.
+        self._setup(program=True)
 
     # ------------------------------------------------------------------ set-up
+    def _with_recommended_gain(self, cfg: RunConfig, calibration: Calibration | None) -> RunConfig:
+        import dataclasses
+
+        if calibration is None or calibration.recommended_gain is None:
+            raise ConfigError("use_recommended_gain needs a calibration file with a recommended gain (hil calibrate)")
+        g = float(calibration.recommended_gain)
+        self.lr_gain = g
+        log.info("feedback gain %.3g on every edge, from the calibration", g)
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gamma=g))
+
     def _check_topology(self, topo: dict) -> None:
         want = (self.net.sizes, [tuple(e) for e in self.net.edges], self.cfg.model.feedback, self.cfg.model.activation)
         have = (list(topo["sizes"]), [tuple(e) for e in topo["edges"]], topo["feedback"], topo["activation"])
@@ -144,9 +164,10 @@ class InSituLearner:
 
     def _program(self, e: int, fb: bool, w: np.ndarray) -> None:
         residual = self.array.program_weights(e, w, feedback=fb, tolerance=self.cfg.instrument.program_tolerance)
-        if residual > 5 * self.cfg.instrument.program_tolerance:
-            log.warning("edge %d%s programmed with residual %.4g (tolerance %.4g)", e, " (feedback)" if fb else "",
-                        residual, self.cfg.instrument.program_tolerance)
+        # Devices whose own bounds (device-to-device spread) lie inside the target cannot reach it: write-verify
+        # reports the worst one. Training adapts to such devices, so this is information, not a failure.
+        log.info("edge %d%s programmed: max residual %.4g (tolerance %.4g)", e, " (feedback)" if fb else "",
+                 residual, self.cfg.instrument.program_tolerance)
 
     # ------------------------------------------------------------------ one sample
     def _drive(self, x: np.ndarray) -> None:

@@ -148,6 +148,8 @@ def train(
                     telemetry.sample(cursor, tally)
                 if interrupt.requested:
                     break
+                if tcfg.checkpoint_every and cursor.samples_seen % tcfg.checkpoint_every < len(x):
+                    checkpoint()
             bar.close()
             tally.seconds += time.perf_counter() - t0
             if interrupt.requested:

@@ -70,12 +70,8 @@ def test_example_runs(name: str, tmp_path: Path) -> None:
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in records] == [1] and 0.0 <= records[0]["test_accuracy"] <= 1.0
         assert (run / "plots" / "learning_curves.png").is_file()
+    if name == "04_fpga_local_learning.py":  # it must actually learn its four patterns, not just run
+        before = float(re.search(r"accuracy before training: ([\d.]+)", proc.stdout).group(1))
+        after = float(re.search(r"accuracy after 200 samples: ([\d.]+)", proc.stdout).group(1))
+        assert after >= 0.9 and after > before, proc.stdout
 
-
-def test_example_04_learns() -> None:
-    """The on-device learning example must actually learn its four patterns, not just run."""
-    proc = run_example("04_fpga_local_learning.py")
-    assert proc.returncode == 0, proc.stderr
-    before = float(re.search(r"accuracy before training: ([\d.]+)", proc.stdout).group(1))
-    after = float(re.search(r"accuracy after 200 samples: ([\d.]+)", proc.stdout).group(1))
-    assert after >= 0.9 and after > before, proc.stdout

@@ -20,6 +20,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-limit", type=int, help="train on a stratified subset of this many samples")
     p.add_argument("--update-mode", choices=["matrix", "outer", "local"], help="how updates reach an instrument")
     p.add_argument("--calibration", metavar="FILE.json", help="a `hil calibrate` output to use")
+    p.add_argument("--recommended-gain", action="store_true",
+                   help="use the FRE feedback gain recommended by --calibration (rates below the output are divided by it)")
     p.add_argument("--telemetry", metavar="ADDRESS", help="publish the run on a ZeroMQ PUB socket, e.g. tcp://127.0.0.1:5556")
     p.add_argument("--run-dir", metavar="DIR", help="where the run records go (default runs/<time>-<preset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run exactly where it stopped")
@@ -42,6 +44,8 @@ def overrides(args: argparse.Namespace) -> dict:
     put("instrument", "update_mode", args.update_mode)
     put("instrument", "calibration", args.calibration)
     put("telemetry", "address", args.telemetry)
+    if args.recommended_gain:
+        put("instrument", "use_recommended_gain", True)
     return o
 
 
