@@ -24,6 +24,7 @@ from drivers.scpi_property import (
     ScpiProperty, parse_bool, parse_float, parse_int, parse_word, strict_bool, strict_discrete_set, strict_range,
 )
 from drivers.visa_link import VisaLink
+from protocols.auth import token_or_env
 from protocols.errors import ValueRangeError
 from protocols.scpi import format_number
 from protocols.scpi_commands import MAX_BETA, MAX_ETA, MAX_PHASE_STEPS, MAX_SETTLE_STEPS
@@ -51,6 +52,11 @@ class AnalogBoard(CloseCallbacks):
                                parse=parse_int)
     pulses_total = ScpiProperty("Measure the device pulses fired since power-on (pulses).", "PULS:TOT?",
                                 parse=parse_int)
+    boot_count = ScpiProperty("Measure the boots since manufacture; a change means a power cycle (boots).", "SYST:BOOT?",
+                              parse=parse_int)
+    pulse_commands_executed = ScpiProperty(
+        "Measure the pulse commands executed since manufacture, a non-volatile wear log (commands).", "PULS:COUN?",
+        parse=parse_int)
     residual = ScpiProperty("Measure max |W - target| after the last write-verify (effective weight units).",
                             "WEIG:RES?")
     error_count = ScpiProperty("Get the number of entries waiting in the error queue (entries).", "SYST:ERR:COUN?",
@@ -60,19 +66,25 @@ class AnalogBoard(CloseCallbacks):
 
     def __init__(
         self, resource: str, *, limits: Limits | None = None, timeout_s: float = 5.0, retries: int = 2,
-        backend: str = "@py",
+        backend: str = "@py", token: str | None = None,
     ) -> None:
+        """``token``: the shared token of an instrument that requires one (default ``$EQPROP_HIL_TOKEN``)."""
         if not timeout_s > 0 or retries < 0:
             raise ValueRangeError(f"timeout_s must be > 0 and retries >= 0, got {timeout_s!r}, {retries!r}")
         self.resource_name = resource
         self.limits = limits if limits is not None else Limits()
-        self._link = VisaLink(resource, timeout_s=timeout_s, retries=retries, backend=backend)
+        self._link = VisaLink(resource, timeout_s=timeout_s, retries=retries, backend=backend,
+                              token=token_or_env(token))
         self.stats = self._link.stats  # bytes_sent, bytes_received, round_trips, pulses_sent, reconnects, ...
         self._lock = self._link.lock
-        self._identity = self._link.run(self._read_identity, what="*IDN?")
-        self._topology = self._link.run(self._read_topology, what="TOP?")
-        self._compliance = self.compliance_amperes
-        self._link.run(self._link.collect_errors)  # stale entries of an earlier session are not ours
+        try:
+            self._identity = self._link.run(self._read_identity, what="*IDN?")
+            self._topology = self._link.run(self._read_topology, what="TOP?")
+            self._compliance = self.compliance_amperes
+            self._link.run(self._link.collect_errors)  # stale entries of an earlier session are not ours
+        except BaseException:
+            self._link.close()
+            raise
 
     # ------------------------------------------------------------------------------------------ transactions
     def _query(self, command: str) -> str:

@@ -33,5 +33,10 @@ class DeviceRestarted(DriverError):
     retransmission cache are gone; weights are non-volatile. Re-read weights before trusting a pending update."""
 
 
+class AccessDenied(DriverError):
+    """The instrument refused this controller: it requires a shared token and none, or a wrong one, was given
+    (``token=`` or ``$EQPROP_HIL_TOKEN``). Nothing was executed."""
+
+
 class LimitError(ValueRangeError, DriverError):
     """A value that would drive the hardware outside the configured safety limits; nothing was sent."""

@@ -23,6 +23,7 @@ from drivers.interface import Identity, Phase, PulseResult, Topology
 from drivers.lifecycle import CloseCallbacks
 from drivers.limits import Limits
 from protocols import fpga_messages as m
+from protocols.auth import token_or_env
 from protocols.errors import ValueRangeError
 from protocols.fpga_messages import Opcode
 
@@ -34,11 +35,12 @@ class FpgaArray(CloseCallbacks):
 
     def __init__(
         self, port: str, *, limits: Limits | None = None, timeout_s: float = 1.0, retries: int = 3,
-        baudrate: int = 115200,
+        baudrate: int = 115200, token: str | None = None,
     ) -> None:  # fmt: skip
+        """``token``: the shared token of an instrument that requires one (default ``$EQPROP_HIL_TOKEN``)."""
         self.limits = limits if limits is not None else Limits()
         self._closed = False
-        self.link = FpgaLink(port, timeout_s=timeout_s, retries=retries, baudrate=baudrate)
+        self.link = FpgaLink(port, timeout_s=timeout_s, retries=retries, baudrate=baudrate, token=token_or_env(token))
         try:
             for attempt in range(3):
                 try:

@@ -18,9 +18,10 @@ from typing import Any
 
 import serial
 
-from drivers.errors import DeviceRestarted, InstrumentError, LinkError, ReplyError
+from drivers.errors import AccessDenied, DeviceRestarted, InstrumentError, LinkError, ReplyError
 from drivers.timeouts import serial_s
 from protocols import fpga_messages as m
+from protocols.auth import TOKEN_ENV
 from protocols.errors import ProtocolError, ValueRangeError
 from protocols.fpga_messages import Opcode, Status
 from protocols.framing import DELIMITER, FrameDecodeError, FrameReader, encode_frame
@@ -78,7 +79,8 @@ STAT_KEYS = ("bytes_sent", "bytes_received", "round_trips", "pulses_sent", "fram
 class FpgaLink:
     """Framed request/response over one pyserial port (device path or URL). Thread safe: one lock."""
 
-    def __init__(self, port: str, *, timeout_s: float = 1.0, retries: int = 3, baudrate: int = 115200) -> None:
+    def __init__(self, port: str, *, timeout_s: float = 1.0, retries: int = 3, baudrate: int = 115200,
+                 token: str | None = None) -> None:
         if not (timeout_s > 0) or retries < 0:
             raise ValueRangeError(f"timeout_s must be > 0 and retries >= 0, got {timeout_s!r}, {retries!r}")
         self.port = port
@@ -92,7 +94,14 @@ class FpgaLink:
         self._seq = int.from_bytes(os.urandom(2), "little")  # a fresh session never collides with cached seqs
         self._lock = threading.RLock()
         self._reader = FrameReader()
+        self.token = token  # sent in AUTH on every (re)connection when set (fpga_serial.md 7.1)
+        self._in_auth = False
         self._serial = self._open()
+        try:
+            self._authenticate()
+        except BaseException:
+            self._serial.close()
+            raise
 
     def _open(self) -> serial.SerialBase:
         try:
@@ -105,6 +114,36 @@ class FpgaLink:
         with self._lock:
             if self._serial is not None and self._serial.is_open:
                 self._serial.close()
+
+    def _authenticate(self) -> None:
+        """AUTH with the shared token, first on a fresh connection; no retransmission (it is not the device's)."""
+        if self.token is None:
+            return
+        seq = self._next_seq()
+        wire = DELIMITER + encode_frame(seq, Opcode.AUTH, m.encode_request(Opcode.AUTH, token=self.token))
+        self._in_auth = True
+        try:
+            log.debug("-> AUTH seq=%d <token hidden>", seq)
+            try:
+                self._serial.write(wire)
+                self._serial.flush()
+            except (serial.SerialException, OSError) as e:
+                raise LinkError(f"cannot send AUTH on {self.port}: {e}") from e
+            self.stats["bytes_sent"] += len(wire)
+            self.stats["frames_sent"] += 1
+            frame, problem = self._await(seq, _Named(Opcode.AUTH))
+        finally:
+            self._in_auth = False
+        if frame is None:
+            raise LinkError(f"no answer to AUTH on {self.port}: {problem}")
+        try:
+            status, _, body = m.decode_envelope(frame.payload)
+        except ProtocolError as e:
+            raise ReplyError(f"AUTH seq {seq}: {e}") from e
+        if status == Status.UNAUTHORIZED:
+            raise AccessDenied(f"{self.port} refused the token (from token= or ${TOKEN_ENV}); nothing was executed")
+        if status != Status.OK:
+            raise LinkError(f"AUTH on {self.port} answered {status.name}: {body[:120].decode(errors='replace')}")
 
     def sync(self) -> dict[str, Any]:
         """SYNC handshake: the device clears its sequence cache and accepts commands of this boot."""
@@ -155,6 +194,9 @@ class FpgaLink:
                     time.sleep(min(0.005 * 2**attempt, self.timeout_s))  # back off before asking a busy device again
                 continue
             self.stats["round_trips"] += 1
+            if status == Status.UNAUTHORIZED:  # the access gate, before the device: nothing ran; link closed
+                raise AccessDenied(f"{self.port} requires a shared token for {opcode.name}: pass token= or set "
+                                   f"${TOKEN_ENV}; nothing was executed")
             if (self.boot is not None and boot != self.boot) or status == Status.NOT_SYNCED:
                 old, self.boot, self._need_sync = self.boot, boot, True
                 self.stats["restarts"] += 1
@@ -197,6 +239,8 @@ class FpgaLink:
         self._reader = FrameReader()
         self.stats["reconnects"] += 1
         self._serial = self._open()
+        if not self._in_auth:  # a failure inside AUTH itself is reported by _authenticate
+            self._authenticate()
 
     def _await(self, seq: int, opcode: Opcode) -> tuple[Any, str]:
         """Read until the response to ``seq`` arrives (frame, "") or a reason to retransmit (None, why)."""

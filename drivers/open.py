@@ -8,7 +8,8 @@
   whole string and returns an object with ``.resource`` (a string of one of the forms above) and ``.stop()``.
   ``mock_instruments`` registers ``sim`` there, so ``sim://analog?...`` starts an emulator and connects through
   the real transport and driver while ``drivers`` never imports ``mock_instruments``. Closing the array stops
-  what the handler started.
+  what the handler started. A ``token=`` given to :func:`open_array` goes to the driver and, as the keyword
+  ``token``, to the scheme handler (so ``sim://`` starts an emulator that requires it).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def open_array(resource: str, **driver_kwargs: Any) -> NeuronArray:
         return _open_driver(kind, resource.strip(), driver_kwargs)
     scheme = kind.removeprefix("scheme:")
     handler = _scheme_handler(scheme)
-    handle = handler(resource.strip())
+    token = driver_kwargs.get("token")
+    handle = handler(resource.strip()) if token is None else handler(resource.strip(), token=token)
     try:
         target = handle.resource
         target_kind = driver_kind(target)

@@ -19,21 +19,25 @@ import numpy as np
 import pyvisa
 from pyvisa import errors as visa_errors
 
-from drivers.errors import InstrumentError, LinkError, ReplyError
+from drivers.errors import AccessDenied, InstrumentError, LinkError, ReplyError
 from drivers.timeouts import visa_ms
+from protocols.auth import AUTH_REFUSED_LINE, TOKEN_ENV, auth_query
 from protocols.errors import ScpiError
 from protocols.scpi import parse_error_entry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 LINK_ERRORS = (visa_errors.VisaIOError, OSError, EOFError)
+_REFUSED = AUTH_REFUSED_LINE.decode("ascii")
 
 
 class VisaLink:
     """One VISA session to a SCPI instrument: ``stats``, one re-entrant lock, bounded reconnect-and-retry."""
 
-    def __init__(self, resource: str, *, timeout_s: float, retries: int, backend: str) -> None:
+    def __init__(self, resource: str, *, timeout_s: float, retries: int, backend: str,
+                 token: str | None = None) -> None:
         self.resource_name = resource
+        self.token = token  # sent first on every (re)connection when set (protocols/analog_board.md 1.1)
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
         self.lock = threading.RLock()  # one per instrument; re-entrant so a caller can group transactions
@@ -64,6 +68,26 @@ class VisaLink:
             raise LinkError(f"cannot open {self.resource_name!r}: {e}; is the instrument (or emulator) running?") from e
         if self.resource_name.upper().endswith("::SOCKET"):
             self._no_delay()
+        if self.token is not None:
+            try:
+                self._authenticate()
+            except BaseException:
+                self.close()
+                raise
+
+    def _authenticate(self) -> None:
+        """Give the shared token as the first message; the instrument answers 1, or -203 and closes."""
+        try:
+            self.res.write(auth_query(self.token))
+            reply = self.res.read()
+        except LINK_ERRORS as e:
+            raise LinkError(f"no answer to the authentication on {self.resource_name!r}: {e}") from e
+        log.debug("-> SYST:AUTH? <token hidden>  <- %s", reply)
+        if reply == _REFUSED:
+            raise AccessDenied(f"{self.resource_name} refused the token (from token= or ${TOKEN_ENV}); "
+                               "nothing was executed")
+        if reply != "1":
+            raise ReplyError(f"SYST:AUTH? answered {reply!r}, expected 1")
 
     def _no_delay(self) -> None:
         """Switch Nagle's algorithm off on a raw-socket session.
@@ -152,6 +176,9 @@ class VisaLink:
 
     def read(self) -> str:
         reply = self.res.read()
+        if reply == _REFUSED:  # the instrument's access gate, not the firmware: no token was given
+            raise AccessDenied(f"{self.resource_name} requires a shared token: pass token= or set ${TOKEN_ENV}; "
+                               "nothing was executed")
         self.stats["round_trips"] += 1
         self.stats["bytes_received"] += len(reply) + 1
         log.debug("<- %s", reply)

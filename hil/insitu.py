@@ -5,7 +5,7 @@ pulses with the calibration (per-device step sizes, stochastic rounding, a per-s
 of three modes (ARCHITECTURE.md "Update modes"):
 
 - ``matrix``: a signed pulse count per device, exact to the pulse quantum;
-- ``outer``: each C-EP increment is the difference of two rank-1 terms, ``c (s' s'^T - s s^T)``, each sent as
+- ``outer``: each C-EP increment ``c (s' s'^T - s s^T) = c (s' - s) s'^T + c s (s' - s)^T`` is sent as two rank-1
   stochastic pulse trains (rows, columns, bit length): O(rows + cols) bytes, correct in expectation;
 - ``local``: the instrument applies the rule itself during the nudged phase; one round trip per sample where the
   instrument offers :class:`SampleRunner`.
@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import signal
 from typing import Any
 
 import numpy as np
 import torch
 
+from drivers.errors import LinkError
 from drivers.interface import NeuronArray, SampleRunner
 from drivers.limits import Limits
 from hil.calibration import Calibration, CalibrationError, EdgeCalibration
 from hil.config import ConfigError, RunConfig
 from hil.journal import PulseJournal
 from hil.model import Network
+from hil.recovery import Guard, GuardedArray, RedoSample, entries_since
 from hil.rules import BatchResult
 from hil.runs import RunDir
 
@@ -51,7 +55,10 @@ def open_insitu(cfg: RunConfig, run: RunDir, *, resume: bool = False) -> "InSitu
     try:
         calibration = Calibration.load(icfg.calibration) if icfg.calibration else None
         journal = PulseJournal(run.journal_path, fsync=not icfg.resource.startswith("sim://"))
-        return InSituLearner(cfg, array, calibration, journal, resume=resume)
+        # Resuming from a checkpoint: the instrument holds the checkpoint's weights plus the updates journaled
+        # after it, which the resume undoes; programming the initial weights would lose that state.
+        program = not (resume and run.checkpoints())
+        return InSituLearner(cfg, array, calibration, journal, resume=resume, program_initial=program)
     except BaseException:
         array.close()
         raise
@@ -81,8 +88,17 @@ class InSituLearner:
     """The hardware counterpart of :class:`hil.rules.Learner` (same interface, used by hil/train.py)."""
 
     def __init__(self, cfg: RunConfig, array: NeuronArray, calibration: Calibration | None, journal: PulseJournal,
-                 *, resume: bool = False) -> None:
+                 *, resume: bool = False, program_initial: bool = True) -> None:
         self.cfg, self.array, self.journal = cfg, array, journal
+        self.guard = Guard(array, journal)
+        self.dev = GuardedArray(array, self.guard)  # what the sample loop drives: retried, or redone on a fault
+        self._runner = isinstance(array, SampleRunner)
+        self._applied: list[tuple[int, dict]] = []  # pulse commands of the sample in progress known to have run
+        self._ckpt_params: dict | None = None
+        # Test hook (tests/test_crash_resume.py): EQPROP_HIL_CRASH_AT="sample:step:edge" kills this process
+        # with SIGKILL right after that pulse command was sent and acknowledged but before the journal's done.
+        crash = os.environ.get("EQPROP_HIL_CRASH_AT", "")
+        self._crash_at = tuple(int(v) for v in crash.split(":")) if crash else None
         self.rule = cfg.rule
         if self.rule.name not in ("ep", "cep", "cvf"):
             raise ConfigError(f"rule {self.rule.name!r} does not run on an instrument; use ep, cep or cvf")
@@ -114,9 +130,12 @@ class InSituLearner:
         self.counters = {"pulses_sent": 0, "pulse_commands": 0, "clipped": 0}
         self.transimpedance = float(array.describe().get("transimpedance_ohms", 1e4))
         self._steps: dict[tuple[int, bool], tuple[Any, Any]] = {}
-        # Program the initial weights even on resume: if the run died before its first checkpoint, replaying
-        # from the start needs them; with a checkpoint, load_parameters_from_checkpoint re-programs its weights.
-        self._setup(program=True)
+        # Program the initial weights even on resume when there is no checkpoint: replaying from the start needs
+        # them. A reboot during the set-up loses the volatile settings: set up again until the boot is stable.
+        self.guard.boot = self.guard.read_boot()
+        self._setup(program=program_initial)
+        self._settings_back()
+        self.guard.sync()
 
     # ------------------------------------------------------------------ set-up
     def _with_recommended_gain(self, cfg: RunConfig, calibration: Calibration | None) -> RunConfig:
@@ -139,8 +158,17 @@ class InSituLearner:
                 f"start the emulator with matching options (sim://analog?sizes=...) or change [model]"
             )
 
+    def _settings_back(self) -> None:
+        """After a reboot: volatile settings again (gains, learning), until no reboot interrupts them."""
+        for _ in range(self.guard.retries + 1):
+            if not (self.guard.rebooted() or self.guard.restarted):
+                return
+            self.guard.restarted = False
+            self._setup(program=False)
+        raise LinkError("the instrument keeps rebooting while its settings are applied; check its power")
+
     def _setup(self, *, program: bool) -> None:
-        a = self.array
+        a = self.dev
         a.reset()
         for e, g in enumerate(self.net.gamma):
             a.set_feedback_gain(e, g)
@@ -163,7 +191,7 @@ class InSituLearner:
         return t.detach().numpy().astype(np.float32)
 
     def _program(self, e: int, fb: bool, w: np.ndarray) -> None:
-        residual = self.array.program_weights(e, w, feedback=fb, tolerance=self.cfg.instrument.program_tolerance)
+        residual = self.dev.program_weights(e, w, feedback=fb, tolerance=self.cfg.instrument.program_tolerance)
         # Devices whose own bounds (device-to-device spread) lie inside the target cannot reach it: write-verify
         # reports the worst one. Training adapts to such devices, so this is information, not a failure.
         log.info("edge %d%s programmed: max residual %.4g (tolerance %.4g)", e, " (feedback)" if fb else "",
@@ -171,18 +199,18 @@ class InSituLearner:
 
     # ------------------------------------------------------------------ one sample
     def _drive(self, x: np.ndarray) -> None:
-        a = self.array
+        a = self.dev
         a.reset()
         a.set_input(x * self.cfg.instrument.input_volts)
         a.set_phase("FREE")
         a.settle(self.rule.t1)
 
     def _free_output(self, x: np.ndarray) -> np.ndarray:
-        if isinstance(self.array, SampleRunner):
-            return self.array.infer(x * self.cfg.instrument.input_volts, self.rule.t1)
+        if self._runner:
+            return self.dev.infer(x * self.cfg.instrument.input_volts, self.rule.t1)
         self._drive(x)
-        out = self.array.read_state(len(self.net.sizes) - 1)[0]
-        self.array.set_phase("HOLD")
+        out = self.dev.read_state(len(self.net.sizes) - 1)[0]
+        self.dev.set_phase("HOLD")
         return out
 
     def _beta(self) -> float:
@@ -193,23 +221,23 @@ class InSituLearner:
 
     def _nudge(self, o: np.ndarray, y: np.ndarray, beta: float) -> None:
         """Explicit current nudge: I = beta (y - o_t) / R, so the board adds R I = beta (y - o_t) volts."""
-        self.array.set_nudge_current(beta * (y - o) / self.transimpedance)
+        self.dev.set_nudge_current(beta * (y - o) / self.transimpedance)
 
     def _sample(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Train on one sample; returns the free-phase output (volts)."""
         beta = self._beta()
         if self.mode == "local":
-            if isinstance(self.array, SampleRunner):
-                return self.array.train_sample(x * self.cfg.instrument.input_volts, y, beta, self.rule.t1, self.rule.t2)
+            if self._runner:
+                return self.dev.train_sample(x * self.cfg.instrument.input_volts, y, beta, self.rule.t1, self.rule.t2)
             self._drive(x)
-            out = self.array.read_state(len(self.net.sizes) - 1)[0]
-            self.array.set_nudge_target(y, beta)
-            self.array.set_phase("NUDGE")
-            self.array.settle(self.rule.t2)
-            self.array.nudge_off()
-            self.array.set_phase("HOLD")
+            out = self.dev.read_state(len(self.net.sizes) - 1)[0]
+            self.dev.set_nudge_target(y, beta)
+            self.dev.set_phase("NUDGE")
+            self.dev.settle(self.rule.t2)
+            self.dev.nudge_off()
+            self.dev.set_phase("HOLD")
             return out
-        a = self.array
+        a = self.dev
         self._drive(x)
         s = a.read_state()
         s_free = s
@@ -237,18 +265,21 @@ class InSituLearner:
                 if self.net.B[e] is not None:
                     out[(e, True)] = ("outer1", c, s_new[i] - s[i], s[j])
             else:
-                out[(e, False)] = ("outer2", c, (s_new[j], s_new[i]), (s[j], s[i]))
+                # s'_j s'_i^T - s_j s_i^T = (s'_j - s_j) s'_i^T + s_j (s'_i - s_i)^T: two rank-1 terms of
+                # *small* vectors, so outer mode fires few pulses instead of two large, mostly cancelling trains.
+                out[(e, False)] = ("outer2", c, (s_new[j] - s[j], s_new[i]), (s[j], s_new[i] - s[i]))
         return out
 
     def _ep_increments(self, s0: list[np.ndarray], sb: list[np.ndarray], beta: float) -> dict:
         lrs = [lr / self.cfg.train.batch_size for lr in self.rule.edge_lrs(len(self.net.edges))]
-        return {(e, False): ("outer2", lrs[e] / beta, (sb[j], sb[i]), (s0[j], s0[i])) for e, (i, j) in enumerate(self.net.edges)}
+        return {(e, False): ("outer2", lrs[e] / beta, (sb[j] - s0[j], sb[i]), (s0[j], sb[i] - s0[i]))
+                for e, (i, j) in enumerate(self.net.edges)}
 
     def _dense(self, term: tuple) -> np.ndarray:
         kind, c, a, b = term
         if kind == "outer1":
             return c * np.outer(a, b)
-        return c * (np.outer(*a) - np.outer(*b))
+        return c * (np.outer(*a) + np.outer(*b))
 
     def _rng(self, step: int, e: int, fb: bool) -> np.random.Generator:
         """Counter-based: the rounding noise is a function of (seed, sample, step, matrix), so a resumed run draws
@@ -276,19 +307,49 @@ class InSituLearner:
         base = {"sample": self.samples_seen, "step": step}
         ids = self.journal.begin_many([{**base, **c} for c in commands])
         for jid, c in zip(ids, commands):
-            if c["mode"] == "matrix":
-                res = self.array.apply_pulses(c["edge"], c["counts"], feedback=c["feedback"])
-            else:
-                res = self.array.apply_outer(c["edge"], c["rows"], c["cols"], c["bit_length"], feedback=c["feedback"])
-            self.journal.done(jid, {"pulses": int(res["pulses"])})
-            self.counters["pulses_sent"] += int(res["pulses"])
+            crash = self._crash_at == (self.samples_seen, step, c["edge"])
+            ack = self.guard.send(jid, c, lambda c=c: self._fire(c, crash=crash))
+            self._applied.append((jid, c))
+            self.counters["pulses_sent"] += int(ack["pulses"]) if ack else 0
             self.counters["pulse_commands"] += 1
+
+    def _fire(self, c: dict, *, crash: bool = False) -> dict:
+        """One pulse command on the wire (journaled by the caller)."""
+        if c["mode"] == "matrix":
+            res = self.array.apply_pulses(c["edge"], c["counts"], feedback=c["feedback"])
+        else:
+            res = self.array.apply_outer(c["edge"], c["rows"], c["cols"], c["bit_length"], feedback=c["feedback"])
+        if crash:  # the test hook: sent and acknowledged, not yet marked done in the journal
+            os.kill(os.getpid(), signal.SIGKILL)
+        return res
+
+    def _robust_sample(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """:meth:`_sample`, redone from its start after a reboot or a settle whose fate is unknown: the volatile
+        settings are applied again and the sample's acknowledged pulses undone first (hil/recovery.py)."""
+        self._applied = []
+        for _ in range(self.guard.retries + 1):
+            self.guard.restarted = False
+            try:
+                out = self._sample(x, y)
+                if not (self.guard.restarted or self.guard.rebooted()):
+                    return out
+                why = "the instrument rebooted during the sample"
+            except RedoSample as e:
+                why = str(e)
+            if self.mode == "local":
+                raise LinkError(f"sample {self.samples_seen}: {why}; the board's own updates of a local-mode sample "
+                                "cannot be undone: resume from the last checkpoint (hil train --resume RUN_DIR)")
+            self.guard.stats["redos"] += 1
+            log.warning("sample %d redone: %s", self.samples_seen, why)
+            self._settings_back()
+            self.guard.undo(self._applied, self._fire, {"sample": self.samples_seen, "step": -1})
+        raise LinkError(f"sample {self.samples_seen} failed {self.guard.retries + 1} times; check the link")
 
     def _outer_commands(self, e: int, fb: bool, term: tuple) -> list[dict]:
         """A rank-1 term ``c a b^T`` as pulse trains: expected pulses per device ``BL |r_i| |q_k|`` should be
         ``c a_i b_k / dw``, so ``r q^T = c a b^T / (dw BL)``, split evenly between rows and columns."""
         kind, c, a, b = term
-        pairs = [(c, a, b)] if kind == "outer1" else [(c, *a), (-c, *b)]
+        pairs = [(c, a, b)] if kind == "outer1" else [(c, *a), (c, *b)]
         up, down = self._steps[(e, fb)]
         dw = float(np.median(np.add(up, down)) / 2)
         bl = self.cfg.instrument.bit_length
@@ -300,6 +361,8 @@ class InSituLearner:
             k = abs(coef) * nu * nv / (dw * bl)  # wanted max pulse probability product
             if k < 1e-12:
                 continue
+            if k > 1.0:  # more than one pulse per slot wanted: the trains saturate and deliver less
+                self.counters["clipped"] += 1
             ru, rv = min(1.0, np.sqrt(k)), min(1.0, np.sqrt(k))
             rows = np.sign(coef) * (u / nu) * ru
             cols = (v / nv) * rv
@@ -312,13 +375,19 @@ class InSituLearner:
         xs, ys = x.double().numpy(), y.double().numpy()
         outs = []
         for b in range(len(xs)):
-            outs.append(self._sample(xs[b], ys[b]))
+            outs.append(self._robust_sample(xs[b], ys[b]))
             self.samples_seen += 1
         return self._result(np.stack(outs), ys)
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> BatchResult:
         xs, ys = x.double().numpy(), y.double().numpy()
-        return self._result(np.stack([self._free_output(v) for v in xs]), ys)
+        for _ in range(self.guard.retries + 1):  # a reboot (gains lost) during the chunk: settings back, again
+            self.guard.restarted = False
+            out = np.stack([self._free_output(v) for v in xs])
+            if not (self.guard.restarted or self.guard.rebooted()):
+                return self._result(out, ys)
+            self._settings_back()
+        raise LinkError("evaluation: the instrument keeps rebooting; check its power")
 
     @staticmethod
     def _result(out: np.ndarray, y: np.ndarray) -> BatchResult:
@@ -328,27 +397,64 @@ class InSituLearner:
 
     def parameters_for_checkpoint(self) -> dict[str, torch.Tensor]:
         """Weights read back from the instrument (the truth), by the software network's names."""
-        return {f"{'B' if fb else 'W'}{e}": torch.from_numpy(self.array.read_weights(e, feedback=fb).copy())
+        return {f"{'B' if fb else 'W'}{e}": torch.from_numpy(self.dev.read_weights(e, feedback=fb).copy())
                 for e, fb in self.matrices}
 
     def load_parameters_from_checkpoint(self, params: dict[str, torch.Tensor]) -> None:
-        """Resume: roll the instrument back to the checkpoint. Updates journaled after it are superseded (their
-        effect is overwritten by write-verify programming), then the data feed replays from the checkpoint."""
-        for jid_entry in self.journal.pending():
-            self.journal.resolve(jid_entry["id"], "not_applied",
-                                 {"policy": "rolled back to the checkpoint by re-programming the weights"})
+        """Resume, part 1: remember the checkpoint's weights; :meth:`load_state_dict` (called next by the loop,
+        with the journal position and the instrument's pulse-command count at the checkpoint) rolls back."""
+        self._ckpt_params = params
+
+    def _roll_back(self, params: dict[str, torch.Tensor], first_id: int | None, executed: int | None) -> None:
+        """Bring the instrument back to the checkpoint, then the data feed replays from its cursor.
+
+        Every pulse command journaled after the checkpoint is settled first: acknowledged ones ran; of the
+        pending ones (a crash between send and acknowledgement) the instrument's executed-command counter says
+        how many ran, and they ran in id order. Those that ran are undone with negated counts, exact on ideal
+        devices (hil/recovery.py), so the replay starts from exactly the checkpoint's conductances. A remaining
+        difference (real devices, or a checkpoint without the counter) is written over by write-verify
+        programming: exact to the programming tolerance."""
+        if first_id is not None and executed is not None:
+            since = entries_since(self.journal.path, first_id)
+            known = [(jid, e) for jid, e, state in since if state in ("done", "applied")]
+            pending = [(jid, e) for jid, e, state in since if state == "pending"]
+            now = self.guard.executed()
+            ran = now - executed - len(known)
+            if not 0 <= ran <= len(pending):
+                raise LinkError(f"resume: the instrument executed {now - executed} pulse commands since the "
+                                f"checkpoint, the journal knows {len(known)} and {len(pending)} pending; the "
+                                "instrument was used by someone else: re-program it from the checkpoint by hand")
+            for k, (jid, _) in enumerate(pending):
+                self.journal.resolve(jid, "applied" if k < ran else "not_applied", {
+                    "policy": "resume: executed-command counter", "executed_counter": now,
+                    "at_checkpoint": executed, "acknowledged_since": len(known), "pending_that_ran": ran})
+            self.guard.expected = now
+            applied = sorted(known + pending[:ran], key=lambda t: t[0])
+            self.guard.undo(applied, self._fire, {"sample": -1, "step": -1, "resume": True})
+        else:
+            for entry in self.journal.pending():
+                self.journal.resolve(entry["id"], "not_applied",
+                                     {"policy": "rolled back to the checkpoint by re-programming the weights"})
         for e, fb in self.matrices:
             target = params[f"{'B' if fb else 'W'}{e}"].numpy()
-            current = self.array.read_weights(e, feedback=fb)
+            current = self.dev.read_weights(e, feedback=fb)
             if np.max(np.abs(current - target)) > 0:
                 self._program(e, fb, target)
 
     def state_dict(self) -> dict:
-        return {"samples_seen": self.samples_seen, "counters": dict(self.counters)}
+        return {"samples_seen": self.samples_seen, "counters": dict(self.counters),
+                "journal_next_id": self.journal.next_id, "executed_pulse_commands": self.guard.expected}
 
     def load_state_dict(self, state: dict) -> None:
         self.samples_seen = int(state["samples_seen"])
         self.counters.update(state["counters"])
+        if self._ckpt_params is not None:
+            params, self._ckpt_params = self._ckpt_params, None
+            self._roll_back(params, state.get("journal_next_id"), state.get("executed_pulse_commands"))
+
+    def recovery_stats(self) -> dict:
+        """What the resilience layer did (hil/recovery.py Guard.stats)."""
+        return dict(self.guard.stats)
 
     def stats(self) -> dict:
         return {"pulses_sent": self.counters["pulses_sent"], "pulse_commands": self.counters["pulse_commands"]}

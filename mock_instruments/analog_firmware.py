@@ -55,7 +55,8 @@ class AnalogFirmware:
         self.edges: list[tuple[int, int]] = [(int(i), int(j)) for i, j in topo["edges"]]
         self.feedback: str = str(topo["feedback"])
         self.activation: str = str(topo["activation"])
-        self.counters: dict[str, int] = {"commands": 0, "queries": 0, "errors": 0, "pulse_commands": 0, "pulses": 0}
+        self.counters: dict[str, int] = {"commands": 0, "queries": 0, "errors": 0, "pulse_commands": 0, "pulses": 0,
+                                         "boots": 1}  # counters are non-volatile (survive power cycles)
         self.executed: Counter[str] = Counter()  # command keys run without error (conformance coverage)
         self._errors: deque[str] = deque()
         self._ese = 0
@@ -76,6 +77,7 @@ class AnalogFirmware:
     def power_cycle(self) -> None:
         """Emulated power loss: the physics loses states and settings (conductances kept), so do the registers."""
         self.physics.power_cycle()
+        self.counters["boots"] += 1
         self.power_on()
 
     def _dynamics_reset(self) -> None:
@@ -170,6 +172,7 @@ class AnalogFirmware:
             "SYST:ERR?": lambda c: self._errors.popleft() if self._errors else format_error_entry(0),
             "SYST:ERR:COUN?": lambda c: format_number(len(self._errors)),
             "SYST:VERS?": lambda c: "1999.0",
+            "SYST:BOOT?": lambda c: format_number(self.counters["boots"]),
             "SYST:DESC?": lambda c: ieee_block.encode_bytes(json.dumps(p.describe(), default=str).encode()),
             "TOP:SIZ?": lambda c: format_numbers(self.sizes),
             "TOP:EDG?": lambda c: format_numbers([n for e in self.edges for n in e]),
@@ -205,6 +208,7 @@ class AnalogFirmware:
             "PULS:OUT:FEED": lambda c: self._pulse_outer(c, True),
             "PULS:LAST?": lambda c: format_number(self.last_pulses),
             "PULS:TOT?": lambda c: format_number(self.total_pulses),
+            "PULS:COUN?": lambda c: format_number(self.counters["pulse_commands"]),  # non-volatile
             "LEAR": lambda c: p.set_local_learning(c.args[0], None, None),
             "LEAR?": lambda c: format_number(bool(p.local_learning[0])),
             "LEAR:ETA": self._set_eta,

@@ -6,6 +6,12 @@ with LF; definite-length blocks are cut by their length header (see :class:`prot
 Commands run on :class:`~mock_instruments.analog_firmware.AnalogFirmware`; an optional FaultInjector corrupts,
 drops, delays or truncates replies, closes the link, answers busy or power-cycles the device.
 
+With ``token`` set (``protocols/analog_board.md`` section 1.1), a new connection is served only once its first
+message is ``SYST:AUTH? "<token>"`` (or the set form): anything else, or a wrong token, is answered with
+``-203,"Command protected..."`` and the connection is closed, and nothing reaches the firmware. An
+unauthenticated connection waits beside the current controller instead of replacing it, so a stranger cannot
+knock the controller off the link.
+
     >>> with AnalogServer(ArrayPhysics(ArrayConfig(sizes=[4, 6, 3]))) as server:
     ...     rm.open_resource(server.resource, read_termination="\\n")
 """
@@ -19,6 +25,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from mock_instruments.analog_firmware import AnalogFirmware
+from protocols.auth import AUTH_REFUSED_LINE, check_token, is_auth_header, parse_auth_message, tokens_match
 from protocols.errors import ValueRangeError
 from protocols.scpi import MessageScanner, ScpiCommandError
 
@@ -29,6 +36,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often the serving thread looks at the stop flag
+_MAX_PENDING = 8  # unauthenticated connections waiting for their first message; the oldest is dropped beyond
+
+
+class _Pending:
+    """A connection that has not given the token yet: its message scanner and the bytes it has sent."""
+
+    def __init__(self) -> None:
+        self.scanner = MessageScanner()
+        self.received = 0
 
 
 class AnalogServer:
@@ -42,11 +58,13 @@ class AnalogServer:
         faults: "FaultConfig | None" = None,
         serial: str = "SIM0001",
         step_period_s: float = 1e-6,
+        token: str | None = None,
     ) -> None:
         if not 0 <= int(port) <= 65535:
             raise ValueRangeError(f"port {port} outside 0..65535")
         if not step_period_s > 0:
             raise ValueRangeError(f"step_period_s must be > 0 seconds, got {step_period_s!r}")
+        self.token = None if token is None else check_token(token)
         self.physics = physics
         self.host = host
         self.port = int(port)
@@ -60,7 +78,8 @@ class AnalogServer:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards firmware execution against counters readers
-        self._net: dict[str, int] = {"connections": 0, "bytes_in": 0, "bytes_out": 0, "busy": 0, "power_cycles": 0}
+        self._net: dict[str, int] = {"connections": 0, "bytes_in": 0, "bytes_out": 0, "busy": 0, "power_cycles": 0,
+                                     "auth_ok": 0, "auth_refused": 0}
 
     # ------------------------------------------------------------------------------------------ lifecycle
     @property
@@ -125,6 +144,12 @@ class AnalogServer:
         sel.register(self._listener, selectors.EVENT_READ, "listen")
         conn: socket.socket | None = None
         scanner = MessageScanner()
+        pending: dict[socket.socket, _Pending] = {}  # accepted, not yet authenticated (token set)
+
+        def drop(sock: socket.socket) -> None:
+            sel.unregister(sock)
+            sock.close()
+
         try:
             while not self._stop.is_set():
                 for key, _ in sel.select(_POLL_S):
@@ -133,24 +158,98 @@ class AnalogServer:
                             new, peer = self._listener.accept()
                         except OSError:
                             continue
-                        if conn is not None:  # the newest controller wins (reconnect after a timeout)
-                            log.debug("replacing connection with %s", peer)
-                            sel.unregister(conn)
-                            conn.close()
                         new.setblocking(True)
                         new.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        self._net["connections"] += 1
+                        if self.token is not None:  # served once it has given the token
+                            if len(pending) >= _MAX_PENDING:
+                                oldest = next(iter(pending))
+                                del pending[oldest]
+                                drop(oldest)
+                            pending[new] = _Pending()
+                            sel.register(new, selectors.EVENT_READ, "pending")
+                            continue
+                        if conn is not None:  # the newest controller wins (reconnect after a timeout)
+                            log.debug("replacing connection with %s", peer)
+                            drop(conn)
                         conn, scanner = new, MessageScanner()
                         sel.register(conn, selectors.EVENT_READ, "conn")
-                        self._net["connections"] += 1
+                    elif key.data == "pending":
+                        sock = key.fileobj
+                        assert isinstance(sock, socket.socket)
+                        rest = self._authenticate(sock, pending[sock])
+                        if rest == "pending":
+                            continue
+                        del pending[sock]
+                        if rest is None:
+                            drop(sock)
+                            continue
+                        if conn is not None:
+                            drop(conn)
+                        sel.modify(sock, selectors.EVENT_READ, "conn")
+                        conn, scanner = sock, rest[0]
+                        if not self._answer(conn, rest[1]):
+                            drop(conn)
+                            conn = None
                     elif conn is not None:
                         if not self._receive(conn, scanner):
-                            sel.unregister(conn)
-                            conn.close()
+                            drop(conn)
                             conn = None
         finally:
-            if conn is not None:
-                conn.close()
+            for sock in [*pending, *([conn] if conn is not None else [])]:
+                sock.close()
             sel.close()
+
+    def _authenticate(self, conn: socket.socket, state: "_Pending") -> Any:
+        """Read a pending connection's first message: (scanner, messages after it) if it is the right token,
+        None (after sending the -203 refusal) if it is anything else, "pending" while it is incomplete."""
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            return None
+        if not data:
+            return None
+        self._net["bytes_in"] += len(data)
+        state.received += len(data)
+        scanner = state.scanner
+        items = scanner.feed(data)
+        if not items:  # the first message has not fully arrived yet (an AUTH line is short: refuse a long one)
+            if state.received > 1024:
+                self._refuse(conn, b"<over 1 KiB without an end of message>")
+                return None
+            return "pending"
+        first, rest = items[0], list(items[1:])
+        parsed = None if isinstance(first, ScpiCommandError) else parse_auth_message(first)
+        assert self.token is not None
+        if parsed is None or not tokens_match(parsed[1], self.token):
+            self._refuse(conn, first)
+            return None
+        self._net["auth_ok"] += 1
+        log.info("connection authenticated")
+        if parsed[0] and not self._send(conn, b"1\n"):
+            return None
+        return scanner, rest
+
+    def _refuse(self, conn: socket.socket, first: object) -> None:
+        self._net["auth_refused"] += 1
+        if isinstance(first, bytes) and is_auth_header(first):
+            log.warning("refused a connection that gave a wrong or malformed token")  # never log a guessed token
+        else:
+            log.warning("refused a connection that sent %r before authenticating",
+                        first[:40] if isinstance(first, bytes) else first)
+        self._send(conn, AUTH_REFUSED_LINE + b"\n")
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _send(self, conn: socket.socket, data: bytes) -> bool:
+        try:
+            conn.sendall(data)
+        except OSError:
+            return False
+        self._net["bytes_out"] += len(data)
+        return True
 
     def _receive(self, conn: socket.socket, scanner: MessageScanner) -> bool:
         """Read what arrived and answer every complete message; False once the connection is gone."""
@@ -161,10 +260,22 @@ class AnalogServer:
         if not data:
             return False
         self._net["bytes_in"] += len(data)
-        for item in scanner.feed(data):
+        return self._answer(conn, scanner.feed(data))
+
+    def _answer(self, conn: socket.socket, items: list) -> bool:
+        """Answer complete messages in order; False if the connection must be closed."""
+        for item in items:
             if isinstance(item, ScpiCommandError):
                 with self._lock:
                     self.firmware.push_error(item.code, item.detail)
+                continue
+            if is_auth_header(item):  # the server's, not the firmware's: answered with or without a token
+                parsed = parse_auth_message(item)
+                if parsed is None or (self.token is not None and not tokens_match(parsed[1], self.token)):
+                    self._refuse(conn, item)
+                    return False
+                if parsed[0] and not self._send(conn, b"1\n"):
+                    return False
                 continue
             if not self._handle(conn, item):
                 return False

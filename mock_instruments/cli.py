@@ -18,6 +18,7 @@ from typing import Any
 
 from mock_instruments.faults import KINDS as FAULT_KINDS
 from mock_instruments.launch import is_loopback, parse_params, start_parsed
+from protocols.auth import check_token
 from protocols.errors import EqpropError, ValueRangeError
 
 # Options that map one to one onto sim:// query keys (option dest -> key).
@@ -32,6 +33,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--port", type=int, default=None, help="TCP port, 0 picks a free one (fpga: serve socket://)")
     where.add_argument("--pty", action="store_true", help="fpga only: serve on a pseudo-terminal (the default)")
     where.add_argument("--link-rate", default=None, metavar="BYTES_PER_S", help="fpga only: emulate a serial link rate")
+    access = parser.add_argument_group("who may connect (protocols/analog_board.md 1.1, fpga_serial.md 7.1)")
+    token = access.add_mutually_exclusive_group()
+    token.add_argument("--token", help="clients must authenticate with this shared token first (visible in ps)")
+    token.add_argument("--token-file", type=Path, metavar="FILE", help="read the shared token from FILE (first line)")
+    access.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host without a token: anyone who can reach it can drive it")
     net = parser.add_argument_group("network and devices (as the sim:// query keys)")
     net.add_argument("--sizes", help="neurons per layer, input first (default 64,256,10)")
     net.add_argument("--skips", help="skip edges src-dst, comma separated, e.g. 0-2")
@@ -119,17 +126,20 @@ def run(args: argparse.Namespace) -> int:
     """Start the emulator, print its resource string, serve until SIGINT/SIGTERM; 0 on a clean stop."""
     params = settings(args)
     kind, config, faults, options = parse_params(args.kind, params)
+    token = access_token(args)
     if not is_loopback(args.host):
-        print(
-            f"warning: the emulator listens on {args.host}, exposed to the network: anyone who can reach it can "
-            f"drive it. Use --host 127.0.0.1 unless you mean this.",
-            file=sys.stderr,
-            flush=True,
-        )
+        where = f"{args.host}:{args.port or 0}"
+        guard = ("only clients that give the shared token are served, and the token crosses the network in clear "
+                 "text" if token else "without a token (--insecure) anyone who can reach it can drive it")
+        print(f"warning: the emulator listens on {where}, exposed to the network: {guard}. Use --host 127.0.0.1 "
+              f"unless you mean this.", file=sys.stderr, flush=True)
+        if token is None and not getattr(args, "insecure", False):
+            raise ValueRangeError(f"refusing to listen on {where} without a token: give --token or --token-file "
+                                  f"(clients then pass token= or set EQPROP_HIL_TOKEN), or --insecure to allow anyone")
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        emulator = start_parsed(kind, config, faults, options, host=args.host, port=args.port or 0)
+        emulator = start_parsed(kind, config, faults, options, host=args.host, port=args.port or 0, token=token)
         try:
             print(emulator.resource, flush=True)
             while not stop.wait(0.5):  # a bounded wait keeps the main thread responsive to signals everywhere
@@ -140,6 +150,19 @@ def run(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def access_token(args: argparse.Namespace) -> str | None:
+    """The shared token from --token or --token-file (its first line), checked; None when neither is given."""
+    if getattr(args, "token_file", None) is not None:
+        try:
+            lines = args.token_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueRangeError(f"cannot read the token file {str(args.token_file)!r}: {e}") from e
+        return check_token(lines[0].strip() if lines else "", f"token in {str(args.token_file)!r}")
+    if getattr(args, "token", None) is not None:
+        return check_token(args.token, "--token")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

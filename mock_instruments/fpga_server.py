@@ -8,6 +8,11 @@ when each burst left so tests can check the pacing by counting bytes, not by tim
 
     with FpgaServer(ArrayPhysics(ArrayConfig([4, 6, 3]))) as server:   # prints nothing; server.resource
         array = FpgaArray(server.resource)                             # "/dev/pts/7" or "socket://127.0.0.1:PORT"
+
+With ``token`` set (``protocols/fpga_serial.md`` section 7.1) every connection must first send AUTH with the
+token: any other frame, or a wrong token, is answered UNAUTHORIZED and the connection is closed (on a pty,
+which cannot be closed, the frame is only refused), and nothing reaches the device. AUTH is always answered
+here, never by the device: without a token any AUTH is accepted.
 """
 
 from __future__ import annotations
@@ -24,13 +29,22 @@ from typing import Any, Callable
 
 from mock_instruments.faults import FaultConfig, FaultInjector
 from mock_instruments.fpga_device import FpgaDevice
-from protocols.errors import ValueRangeError
-from protocols.framing import DELIMITER, FrameDecodeError, FrameReader, decode_frame
+from protocols import fpga_messages as m
+from protocols.auth import check_token, tokens_match
+from protocols.errors import ProtocolError, ValueRangeError
+from protocols.framing import DELIMITER, FrameDecodeError, FrameReader, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often the serving thread checks for stop()
 _PACE_SLICE_S = 0.005  # a paced write releases at most this much link time of bytes at once
+
+
+class _Session:
+    """Whether one connection (or the pty) has given the token."""
+
+    def __init__(self, authenticated: bool) -> None:
+        self.authenticated = authenticated
 
 
 class FpgaServer:
@@ -46,6 +60,7 @@ class FpgaServer:
         faults: FaultConfig | None = None,
         cache_depth: int = 16,
         serial: str = "FPGA0001",
+        token: str | None = None,
     ) -> None:
         if transport not in ("pty", "tcp"):
             raise ValueRangeError(f"transport {transport!r}: use 'pty' or 'tcp'")
@@ -53,13 +68,15 @@ class FpgaServer:
             math.isfinite(link_rate_bytes_per_s) and link_rate_bytes_per_s > 0
         ):
             raise ValueRangeError(f"link rate {link_rate_bytes_per_s!r} bytes/s must be finite and > 0 (or None)")
+        self.token = None if token is None else check_token(token)
         self.physics = physics
         self.transport = transport
         self.host, self.port = host, port
         self.link_rate = link_rate_bytes_per_s
         self.faults = FaultInjector(faults) if faults is not None and faults.enabled else None
         self.device = FpgaDevice(physics, self.faults, cache_depth=cache_depth, serial=serial)
-        self.link: dict[str, int] = {"rx_bytes": 0, "tx_bytes": 0, "connections": 0, "closed_by_fault": 0}
+        self.link: dict[str, int] = {"rx_bytes": 0, "tx_bytes": 0, "connections": 0, "closed_by_fault": 0,
+                                     "auth_ok": 0, "auth_refused": 0}
         self.link_log: list[tuple[float, int]] = []  # (monotonic seconds, bytes) per paced burst sent
         self.resource = ""
         self._stop = threading.Event()
@@ -131,6 +148,7 @@ class FpgaServer:
     def _serve_pty(self) -> None:
         master = self._fds[0]
         reader = FrameReader()
+        session = _Session(self.token is None)  # a pty has no connections: authenticated once, for good
         while not self._stop.is_set():
             ready, _, _ = select.select([master], [], [], _POLL_S)
             if not ready:
@@ -143,7 +161,7 @@ class FpgaServer:
                 if self._stop.is_set():
                     return
                 continue
-            self._receive(data, reader, lambda chunk: self._write_fd(master, chunk), close=None)
+            self._receive(data, reader, lambda chunk: self._write_fd(master, chunk), close=None, session=session)
 
     def _write_fd(self, fd: int, data: bytes) -> bool:
         view = memoryview(data)
@@ -174,6 +192,7 @@ class FpgaServer:
     def _serve_connection(self, conn: socket.socket) -> None:
         reader = FrameReader()
         closed = threading.Event()
+        session = _Session(self.token is None)
 
         def send(chunk: bytes) -> bool:
             try:
@@ -192,15 +211,26 @@ class FpgaServer:
                 return
             if not data:
                 return
-            self._receive(data, reader, send, close=closed.set)
+            self._receive(data, reader, send, close=closed.set, session=session)
 
     # ------------------------------------------------------------------------------------------ processing
     def _receive(
-        self, data: bytes, reader: FrameReader, send: Callable[[bytes], bool], close: Callable[[], None] | None
+        self, data: bytes, reader: FrameReader, send: Callable[[bytes], bool], close: Callable[[], None] | None,
+        session: "_Session | None" = None,
     ) -> None:
         self.link["rx_bytes"] += len(data)
         self._pace_rx(len(data))
         for item in reader.feed_raw(data):
+            if session is not None:
+                gate = self._gate(item, session)
+                if gate is not None:  # answered here: an AUTH, or a refusal
+                    reply, refused = gate
+                    if reply is not None:
+                        self._send(DELIMITER + reply, send)
+                    if refused and close is not None:
+                        close()
+                        return
+                    continue
             if isinstance(item, FrameDecodeError):
                 reply = self.device.reject(item)
             else:
@@ -223,6 +253,41 @@ class FpgaServer:
                 continue  # a pty cannot be closed by the device: the response is lost instead
             if plan.data:
                 self._send(plan.data, send)
+
+    def _gate(self, item: bytes | FrameDecodeError, session: "_Session") -> tuple[bytes | None, bool] | None:
+        """Access control before the device: None lets ``item`` through; else (response or None, refused)."""
+        frame = None
+        if not isinstance(item, FrameDecodeError):
+            try:
+                frame = decode_frame(item)
+            except FrameDecodeError:
+                frame = None
+        if frame is not None and frame.opcode == m.Opcode.AUTH:
+            try:
+                token = m.decode_request(m.Opcode.AUTH, frame.payload)["token"]
+            except ProtocolError:
+                token = None
+            if self.token is None or (token is not None and tokens_match(token, self.token)):
+                session.authenticated = True
+                self.link["auth_ok"] += 1
+                return self._auth_frame(frame.seq, frame.opcode, m.Status.OK, b""), False
+            return self._refuse(frame, "wrong or malformed token")
+        if session.authenticated:
+            return None
+        return self._refuse(frame, f"opcode 0x{frame.opcode:02X} before AUTH" if frame else "garbage before AUTH")
+
+    def _refuse(self, frame: Any, why: str) -> tuple[bytes | None, bool]:
+        """UNAUTHORIZED (echoing the request's seq and opcode; garbage gets no answer), then close."""
+        self.link["auth_refused"] += 1
+        log.warning("FPGA emulator refused a client: %s", why)  # never logs a token
+        if frame is None:
+            return None, True
+        body = b"UNAUTHORIZED: send AUTH with the shared token first"
+        return self._auth_frame(frame.seq, frame.opcode, m.Status.UNAUTHORIZED, body), True
+
+    def _auth_frame(self, seq: int, opcode: int, status: m.Status, body: bytes) -> bytes:
+        payload = m.encode_envelope(status, self.device.boot, body)
+        return encode_frame(seq, (int(opcode) & 0x7F) | m.RESPONSE_BIT, payload)
 
     def _dispatch(self, raw: bytes) -> bytes | None:
         # A corrupted request may now hold a 0x00: the device's receiver would see two frames.

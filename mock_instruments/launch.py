@@ -165,16 +165,20 @@ class Emulator:
         return f"<Emulator {self.kind} {self.resource!r} {state}>"
 
 
-def start_emulator(url: str, host: str = "127.0.0.1", port: int = 0) -> Emulator:
-    """Start the emulator a ``sim://`` URL describes; ``port=0`` picks a free port (ignored for a pty)."""
+def start_emulator(url: str, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> Emulator:
+    """Start the emulator a ``sim://`` URL describes; ``port=0`` picks a free port (ignored for a pty).
+
+    ``token``: clients must authenticate with it first (protocols/analog_board.md 1.1, fpga_serial.md 7.1).
+    """
     kind, config, faults, options = parse_sim_url(url)
-    return start_parsed(kind, config, faults, options, host=host, port=port)
+    return start_parsed(kind, config, faults, options, host=host, port=port, token=token)
 
 
 def start_parsed(
-    kind: Kind, config: Any, faults: FaultConfig, options: Mapping[str, Any], host: str = "127.0.0.1", port: int = 0
+    kind: Kind, config: Any, faults: FaultConfig, options: Mapping[str, Any], host: str = "127.0.0.1", port: int = 0,
+    token: str | None = None,
 ) -> Emulator:
-    """Build the physics and the server from parsed settings and start serving."""
+    """Build the physics and the server from parsed settings and start serving (``token``: see start_emulator)."""
     from mock_instruments.physics import ArrayPhysics
 
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
@@ -186,11 +190,11 @@ def start_parsed(
     if kind == "analog":
         from mock_instruments.analog_server import AnalogServer
 
-        server = AnalogServer(physics, host=host, port=port, faults=fault_arg, **options)
+        server = AnalogServer(physics, host=host, port=port, faults=fault_arg, token=token, **options)
     else:
         from mock_instruments.fpga_server import FpgaServer
 
-        server = FpgaServer(physics, host=host, port=port, faults=fault_arg, **options)
+        server = FpgaServer(physics, host=host, port=port, faults=fault_arg, token=token, **options)
     try:
         resource = server.start()
     except OSError as e:  # the port is taken, the host is not an interface of this machine, no pty left
@@ -198,9 +202,10 @@ def start_parsed(
     return Emulator(kind, server, physics, resource, faults)
 
 
-def open_sim(url: str) -> Emulator:
+def open_sim(url: str, token: str | None = None) -> Emulator:
     """Entry point of the ``sim`` scheme (group ``eqprop_hil.schemes``): start on loopback, return the emulator.
 
-    The caller connects to ``.resource`` with the real driver and calls ``.stop()`` when done.
+    The caller connects to ``.resource`` with the real driver and calls ``.stop()`` when done. ``open_array``
+    passes its ``token=`` here, so the emulator requires the token the driver gives.
     """
-    return start_emulator(url)
+    return start_emulator(url, token=token)

@@ -59,6 +59,7 @@ class Opcode(IntEnum):
     INFER = 0x17
     DESCRIBE = 0x18
     COUNTERS = 0x19
+    AUTH = 0x70  # shared-token access control, answered by the transport (fpga_serial.md 7.1)
 
 
 class Status(IntEnum):
@@ -72,6 +73,7 @@ class Status(IntEnum):
     BAD_VERSION = 0x07  # unsupported protocol version
     NOT_SYNCED = 0x08  # device booted since the last SYNC; mutating commands refused until SYNC
     DEVICE_ERROR = 0x09  # internal failure of the device
+    UNAUTHORIZED = 0x0A  # no or wrong AUTH token on a connection that needs one; not executed, link closed
 
 
 class PhaseCode(IntEnum):
@@ -89,7 +91,7 @@ class NudgeMode(IntEnum):
 # Commands a device refuses with NOT_SYNCED after a boot: everything that changes a setting, a state or a weight.
 READ_ONLY = frozenset(
     {Opcode.SYNC, Opcode.IDENTIFY, Opcode.TOPOLOGY, Opcode.GET_GAIN, Opcode.GET_SCALE, Opcode.READ_STATE,
-     Opcode.STATUS, Opcode.GET_LOCAL_LEARNING, Opcode.READ_WEIGHTS, Opcode.DESCRIBE, Opcode.COUNTERS}
+     Opcode.STATUS, Opcode.GET_LOCAL_LEARNING, Opcode.READ_WEIGHTS, Opcode.DESCRIBE, Opcode.COUNTERS, Opcode.AUTH}
 )  # fmt: skip
 
 Schema = tuple[tuple[str, str], ...]
@@ -135,6 +137,7 @@ SCHEMAS: dict[Opcode, tuple[Schema, Schema]] = {
     Opcode.INFER: ((("t1", "u16"), ("volts", "qs")), (("output", "qs"),)),
     Opcode.DESCRIBE: ((), (("description", "json"),)),
     Opcode.COUNTERS: ((), (("counters", "json"),)),
+    Opcode.AUTH: ((("token", "str"),), ()),
 }
 
 _INTS = {"u8": struct.Struct("<B"), "u16": struct.Struct("<H"), "u32": struct.Struct("<I"), "u64": struct.Struct("<Q")}

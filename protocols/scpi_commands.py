@@ -81,6 +81,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("SYSTem:ERRor[:NEXT]?", reply='<code>,"<message>"', summary="oldest error-queue entry (FIFO)"),
     CommandSpec("SYSTem:ERRor:COUNt?", reply="NR1", summary="entries in the error queue"),
     CommandSpec("SYSTem:VERSion?", reply="1999.0", summary="SCPI version"),
+    CommandSpec("SYSTem:BOOT?", reply="NR1", summary="boots since manufacture (non-volatile): a change means a power cycle"),
     CommandSpec("SYSTem:DESCribe?", reply="block of UTF-8 JSON", summary="device model, converters, config"),
     # topology
     CommandSpec("TOPology:SIZes?", reply="NR1 list, input layer first", summary="neurons per layer"),
@@ -135,6 +136,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
                 summary="outer update of B_e; rows (n_src) then cols (n_dst)", errors=(101, -221, -222)),
     CommandSpec("PULSe:LAST?", reply="NR1", summary="pulses fired by the last pulse command"),
     CommandSpec("PULSe:TOTal?", reply="NR1", summary="pulses fired since power-on"),
+    CommandSpec("PULSe:COUNt?", reply="NR1",
+                summary="pulse commands executed since manufacture (non-volatile wear log; survives power cycles)"),
     # local learning
     CommandSpec("LEARn[:STATe]", (Param("enabled", "bool"),), summary="on-device C-EP/C-VF on or off",
                 errors=(-221,)),

@@ -109,6 +109,7 @@ CASES = [
     (Opcode.INFER, {"t1": 65535, "volts": V}, {"output": np.array([0.25, 0.75])}),
     (Opcode.DESCRIBE, {}, {"description": {"device": {"model": "ideal"}, "dt": 1.0}}),
     (Opcode.COUNTERS, {}, {"counters": {"pulses": 12, "boot": 3}}),
+    (Opcode.AUTH, {"token": "s3cret-token"}, {}),
 ]  # fmt: skip
 
 
