@@ -175,7 +175,10 @@ class VisaLink:
             self.stats["bytes_sent"] += len(command) + 2 + len(str(payload)) + payload + 1
 
     def read(self) -> str:
-        reply = self.res.read()
+        try:
+            reply = self.res.read()
+        except UnicodeDecodeError as e:  # a corrupted byte in a text reply: a bad reply, retried like one
+            raise ReplyError(f"reply is not ASCII text: {e.object[:40]!r}") from e
         if reply == _REFUSED:  # the instrument's access gate, not the firmware: no token was given
             raise AccessDenied(f"{self.resource_name} requires a shared token: pass token= or set ${TOKEN_ENV}; "
                                "nothing was executed")

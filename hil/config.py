@@ -8,6 +8,7 @@ out-of-range values raise :class:`ConfigError` naming the key, so a typo never s
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -55,6 +56,20 @@ class LimitsConfig:
     max_bit_length: int = 255
     pulse_budget: int = 0  # total pulses per run; 0 = unlimited
 
+    def __post_init__(self) -> None:
+        """Refuse limits no instrument can honour (int8 pulse counts, u8 bit lengths) before anything is opened."""
+        for name in ("max_input_volts", "max_nudge_amperes"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"instrument.limits.{name} = {value!r}: must be finite and > 0")
+        if not 1 <= self.max_pulses_per_device <= 127:
+            raise ConfigError(f"instrument.limits.max_pulses_per_device = {self.max_pulses_per_device}: must be in "
+                              "1..127 (a pulse count travels as int8)")
+        if not 1 <= self.max_bit_length <= 255:
+            raise ConfigError(f"instrument.limits.max_bit_length = {self.max_bit_length}: must be in 1..255 (u8)")
+        if self.pulse_budget < 0:
+            raise ConfigError(f"instrument.limits.pulse_budget = {self.pulse_budget}: must be >= 0 (0 = unlimited)")
+
 
 @dataclass
 class InstrumentConfig:
@@ -70,6 +85,22 @@ class InstrumentConfig:
     program_tolerance: float = 1e-3  # write-verify tolerance when weights are programmed, effective units
     use_recommended_gain: bool = False  # take the FRE feedback gain from the calibration (see hil/insitu.py)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def __post_init__(self) -> None:
+        """Settings that contradict each other or the limits would fail mid-run: refuse them at load time."""
+        for name in ("timeout_s", "input_volts", "weight_range", "program_tolerance"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"instrument.{name} = {value!r}: must be finite and > 0")
+        if not 1 <= self.bit_length <= 255:
+            raise ConfigError(f"instrument.bit_length = {self.bit_length}: must be in 1..255 (u8 on the wire)")
+        if self.bit_length > self.limits.max_bit_length:
+            raise ConfigError(f"instrument.bit_length = {self.bit_length} exceeds instrument.limits.max_bit_length "
+                              f"= {self.limits.max_bit_length}: every outer update would be refused")
+        if self.input_volts > self.limits.max_input_volts:
+            raise ConfigError(f"instrument.input_volts = {self.input_volts:g} V (data lie in [0, 1]) exceeds "
+                              f"instrument.limits.max_input_volts = {self.limits.max_input_volts:g} V: inputs would "
+                              "be refused; lower input_volts or raise the limit")
 
 
 @dataclass

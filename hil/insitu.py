@@ -414,6 +414,7 @@ class InSituLearner:
         devices (hil/recovery.py), so the replay starts from exactly the checkpoint's conductances. A remaining
         difference (real devices, or a checkpoint without the counter) is written over by write-verify
         programming: exact to the programming tolerance."""
+        ran = -1
         if first_id is not None and executed is not None:
             since = entries_since(self.journal.path, first_id)
             known = [(jid, e) for jid, e, state in since if state in ("done", "applied")]
@@ -421,9 +422,10 @@ class InSituLearner:
             now = self.guard.executed()
             ran = now - executed - len(known)
             if not 0 <= ran <= len(pending):
-                raise LinkError(f"resume: the instrument executed {now - executed} pulse commands since the "
-                                f"checkpoint, the journal knows {len(known)} and {len(pending)} pending; the "
-                                "instrument was used by someone else: re-program it from the checkpoint by hand")
+                log.warning("resume: the instrument executed %d pulse commands since the checkpoint, the journal "
+                            "knows %d and %d pending: another (or a fresh) instrument; re-programming the "
+                            "checkpoint's weights instead", now - executed, len(known), len(pending))
+        if ran >= 0:
             for k, (jid, _) in enumerate(pending):
                 self.journal.resolve(jid, "applied" if k < ran else "not_applied", {
                     "policy": "resume: executed-command counter", "executed_counter": now,
