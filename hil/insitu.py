@@ -95,10 +95,13 @@ class InSituLearner:
         self._runner = isinstance(array, SampleRunner)
         self._applied: list[tuple[int, dict]] = []  # pulse commands of the sample in progress known to have run
         self._ckpt_params: dict | None = None
-        # Test hook (tests/test_crash_resume.py): EQPROP_HIL_CRASH_AT="sample:step:edge" kills this process
-        # with SIGKILL right after that pulse command was sent and acknowledged but before the journal's done.
+        # Test hooks (tests/test_crash_resume.py): EQPROP_HIL_CRASH_AT="sample:step:edge" kills this process
+        # with SIGKILL right after that pulse command was sent and acknowledged but before the journal's done;
+        # "eval:N" kills it right after the N-th test sample this process evaluated (free phase only).
         crash = os.environ.get("EQPROP_HIL_CRASH_AT", "")
-        self._crash_at = tuple(int(v) for v in crash.split(":")) if crash else None
+        self._crash_eval = int(crash[5:]) if crash.startswith("eval:") else None
+        self._crash_at = tuple(int(v) for v in crash.split(":")) if crash and self._crash_eval is None else None
+        self._evaluated = 0  # test samples evaluated by this process (for the "eval:N" hook)
         self.rule = cfg.rule
         if self.rule.name not in ("ep", "cep", "cvf"):
             raise ConfigError(f"rule {self.rule.name!r} does not run on an instrument; use ep, cep or cvf")
@@ -207,10 +210,14 @@ class InSituLearner:
 
     def _free_output(self, x: np.ndarray) -> np.ndarray:
         if self._runner:
-            return self.dev.infer(x * self.cfg.instrument.input_volts, self.rule.t1)
-        self._drive(x)
-        out = self.dev.read_state(len(self.net.sizes) - 1)[0]
-        self.dev.set_phase("HOLD")
+            out = self.dev.infer(x * self.cfg.instrument.input_volts, self.rule.t1)
+        else:
+            self._drive(x)
+            out = self.dev.read_state(len(self.net.sizes) - 1)[0]
+            self.dev.set_phase("HOLD")
+        self._evaluated += 1
+        if self._evaluated == self._crash_eval:  # the "eval:N" test hook
+            os.kill(os.getpid(), signal.SIGKILL)
         return out
 
     def _beta(self) -> float:

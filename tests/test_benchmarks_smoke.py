@@ -47,5 +47,10 @@ def test_hil_quick_prints_table_and_writes_json(tmp_path, capsys):
         for field in ("samples_per_s", "link_ms_per_sample", "controller_ms_per_sample", "bytes_sent_per_sample",
                       "bytes_received_per_sample", "round_trips_per_sample"):
             assert field in r
-        assert r["round_trips_per_sample"] == 1  # local mode: one sample command per training sample
+    # local mode: one sample command per training sample; the analog board adds its reboot check (SYST:BOOT?,
+    # which the FPGA gets for free in every response header) and that query's error-queue read
+    assert results["fpga/pty local"]["round_trips_per_sample"] == 1
+    assert results["analog/tcp local"]["round_trips_per_sample"] == 3
+    for key in ("analog/tcp local", "fpga/pty local"):
+        r = results[key]
         assert r["samples"] == 10
