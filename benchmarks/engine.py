@@ -25,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: the repo root first, so benchmarks/hil.py never shadows `hil`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 GAINS = (1.0, 0.5, 0.25, 0.1, 0.05)
 RULES = ("ep", "cep", "cep-control", "cvf", "fre", "bptt")
 # (architecture, rule) -> the preset whose hyperparameters it uses, and overrides (batch 20 everywhere)

@@ -28,6 +28,7 @@ from protocols.auth import token_or_env
 from protocols.errors import ValueRangeError
 from protocols.scpi import format_number
 from protocols.scpi_commands import MAX_BETA, MAX_ETA, MAX_PHASE_STEPS, MAX_SETTLE_STEPS
+from protocols.scpi_integrity import supports_integrity
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,12 @@ class AnalogBoard(CloseCallbacks):
 
     def __init__(
         self, resource: str, *, limits: Limits | None = None, timeout_s: float = 5.0, retries: int = 2,
-        backend: str = "@py", token: str | None = None,
+        backend: str = "@py", token: str | None = None, integrity: bool = True,
     ) -> None:
-        """``token``: the shared token of an instrument that requires one (default ``$EQPROP_HIL_TOKEN``)."""
+        """``token``: the shared token of an instrument that requires one (default ``$EQPROP_HIL_TOKEN``).
+        ``integrity``: put a CRC-32 on every message and check one on every reply (protocols/analog_board.md
+        1.2) when the board's firmware supports it (``*IDN?``); SCPI alone cannot tell a flipped bit inside a
+        pulse-count block from a real count."""
         if not timeout_s > 0 or retries < 0:
             raise ValueRangeError(f"timeout_s must be > 0 and retries >= 0, got {timeout_s!r}, {retries!r}")
         self.resource_name = resource
@@ -79,6 +83,12 @@ class AnalogBoard(CloseCallbacks):
         self._lock = self._link.lock
         try:
             self._identity = self._link.run(self._read_identity, what="*IDN?")
+            if integrity and supports_integrity(self._identity["firmware"]):
+                self._link.run(self._link.enable_integrity, what="SYST:INT ON")
+                self._identity = self._link.run(self._read_identity, what="*IDN?")  # again, now checked
+            elif integrity:
+                log.info("%s firmware %s has no SYST:INT: messages travel without CRC", resource,
+                         self._identity["firmware"])
             self._topology = self._link.run(self._read_topology, what="TOP?")
             self._compliance = self.compliance_amperes
             self._link.run(self._link.collect_errors)  # stale entries of an earlier session are not ours
@@ -148,6 +158,11 @@ class AnalogBoard(CloseCallbacks):
             raise ReplyError(f"inconsistent topology: sizes {sizes}, edges {flat}, feedback {feedback!r}")
         return {"sizes": sizes, "edges": list(zip(flat[::2], flat[1::2])), "feedback": feedback,  # type: ignore
                 "activation": activation}
+
+    @property
+    def integrity(self) -> bool:
+        """Get whether every message and reply of this link carries a CRC-32 (protocols/analog_board.md 1.2)."""
+        return self._link.crc
 
     def identity(self) -> Identity:
         return dict(self._identity)  # type: ignore[return-value]

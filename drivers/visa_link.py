@@ -21,9 +21,11 @@ from pyvisa import errors as visa_errors
 
 from drivers.errors import AccessDenied, InstrumentError, LinkError, ReplyError
 from drivers.timeouts import visa_ms
+from protocols import ieee_block
 from protocols.auth import AUTH_REFUSED_LINE, TOKEN_ENV, auth_query
-from protocols.errors import ScpiError
+from protocols.errors import BlockError, ScpiError
 from protocols.scpi import parse_error_entry
+from protocols.scpi_integrity import INTEGRITY_ERROR, IntegrityError, decode_reply, encode_request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,7 +45,8 @@ class VisaLink:
         self.lock = threading.RLock()  # one per instrument; re-entrant so a caller can group transactions
         self.stats: dict[str, int] = dict.fromkeys(
             ("bytes_sent", "bytes_received", "round_trips", "pulses_sent", "commands", "reconnects", "retries",
-             "instrument_errors"), 0)
+             "instrument_errors", "integrity_refused", "integrity_mismatches"), 0)
+        self.crc = False  # CRC-32 on every message and reply (protocols/analog_board.md 1.2): enable_integrity()
         try:
             self._rm = pyvisa.ResourceManager(backend)
         except (OSError, ValueError) as e:
@@ -74,6 +77,18 @@ class VisaLink:
             except BaseException:
                 self.close()
                 raise
+        if self.crc:  # the mode belongs to the connection: ask again (a refusal shows in the queue drained next)
+            self._write_raw(encode_request(b"SYST:INT ON"))
+
+    def enable_integrity(self) -> None:
+        """Put a CRC-32 on every message from now on and ask the instrument to require one (``SYST:INT ON``).
+
+        Messages that carry a CRC are checked, and answered with one, whatever the instrument's mode, so a
+        power cycle (mode back to OFF) leaves every exchange of this link protected.
+        """
+        self.crc = True
+        self.write("SYST:INT ON")
+        self.check("SYST:INT ON")
 
     def _authenticate(self) -> None:
         """Give the shared token as the first message; the instrument answers 1, or -203 and closes."""
@@ -112,14 +127,24 @@ class VisaLink:
     def reconnect(self) -> None:
         self.stats["reconnects"] += 1
         log.warning("reconnecting to %s", self.resource_name)
-        try:
-            self.res.close()
-        except LINK_ERRORS:
-            log.debug("closing the broken session failed", exc_info=True)
-        self.open()
-        stale = self.collect_errors()
-        if stale:
-            log.warning("error queue after reconnect: %s", stale)
+        for attempt in range(self.retries + 1):
+            try:
+                self.res.close()
+            except LINK_ERRORS:
+                log.debug("closing the broken session failed", exc_info=True)
+            self.open()
+            try:  # drain what the failed transaction left; a reply mangled on the wire here means: open again
+                stale = self.collect_errors()
+                if self.crc and self.ask("SYST:INT?") != "1":  # SYST:INT ON of open() was lost: a corrupted
+                    raise ReplyError("integrity mode is off after reconnecting")  # field must never run as plain
+            except (*LINK_ERRORS, ReplyError) as e:
+                if attempt == self.retries:
+                    raise
+                log.warning("draining the error queue after reconnecting failed (%s); reconnecting again", e)
+                continue
+            if stale:
+                log.warning("error queue after reconnect: %s", stale)
+            return
 
     def refused(self, error: Exception, what: str) -> None:
         """After a silent query: a refused query sends no reply, so ask the error queue before blaming the link."""
@@ -141,9 +166,17 @@ class VisaLink:
             for attempt in range(self.retries + 1):
                 try:
                     return operation()
+                except InstrumentError as e:  # a set's error queue named the refusal
+                    if not self._resend(e, idempotent, attempt, what):
+                        raise
                 except (*LINK_ERRORS, ReplyError) as e:
                     log.warning("%s failed (attempt %d): %s", what or "transaction", attempt + 1, e)
-                    self.refused(e, what)
+                    try:
+                        self.refused(e, what)
+                    except InstrumentError as refusal:  # a silent query: the queue says it was refused
+                        if not self._resend(refusal, idempotent, attempt, what):
+                            raise
+                        continue
                     try:
                         self.reconnect()
                     except (*LINK_ERRORS, ReplyError, LinkError) as again:
@@ -160,10 +193,26 @@ class VisaLink:
                     self.stats["retries"] += 1
         raise LinkError(f"{what}: unreachable")  # the loop always returns or raises
 
+    def _resend(self, error: InstrumentError, idempotent: bool, attempt: int, what: str) -> bool:
+        """True if ``error`` is a CRC refusal (nothing was executed) of an idempotent transaction with retries
+        left; non-idempotent ones are left to the caller (hil/recovery.py asks PULS:COUN?)."""
+        if error.code != INTEGRITY_ERROR:
+            return False
+        self.stats["integrity_refused"] += 1
+        if not idempotent or attempt == self.retries:
+            return False
+        self.stats["retries"] += 1
+        log.warning("%s arrived corrupted (CRC refused, not executed); resending", what or "transaction")
+        return True
+
     # ------------------------------------------------------------------------------------------ primitives
     def write(self, command: str, block: np.ndarray | None = None, datatype: str = "f") -> None:
         self.stats["commands"] += 1
-        if block is None:
+        if self.crc:  # the message with its CRC-32 field, built here so that the CRC covers the block bytes
+            data = None if block is None else ieee_block.encode_block(np.ascontiguousarray(block.ravel()), datatype)
+            log.debug("-> %s%s (CRC-32)", command, "" if data is None else f"<block of {len(data)} bytes>")
+            self._write_raw(encode_request(command.encode("ascii"), data or b""))
+        elif block is None:
             log.debug("-> %s", command)
             self.res.write(command)
             self.stats["bytes_sent"] += len(command) + 1
@@ -173,6 +222,18 @@ class VisaLink:
             self.res.write_binary_values(command, np.ascontiguousarray(block.ravel()), datatype=datatype,
                                          is_big_endian=False)
             self.stats["bytes_sent"] += len(command) + 2 + len(str(payload)) + payload + 1
+
+    def _write_raw(self, message: bytes) -> None:
+        self.res.write_raw(message + b"\n")
+        self.stats["bytes_sent"] += len(message) + 1
+
+    def _verified(self, data: bytes) -> bytes:
+        """The reply without its CRC prefix, once the CRC matches; a mismatch is a bad reply (ReplyError)."""
+        try:
+            return decode_reply(data)
+        except IntegrityError as e:
+            self.stats["integrity_mismatches"] += 1
+            raise ReplyError(f"reply failed its integrity check: {e}") from e
 
     def read(self) -> str:
         try:
@@ -185,16 +246,41 @@ class VisaLink:
         self.stats["round_trips"] += 1
         self.stats["bytes_received"] += len(reply) + 1
         log.debug("<- %s", reply)
+        if self.crc:
+            reply = self._verified(reply.encode("ascii")).decode("ascii")
         return reply
 
-    def read_block(self, count: int, datatype: str = "f") -> np.ndarray:
-        try:
-            values = self.res.read_binary_values(datatype=datatype, is_big_endian=False, container=np.ndarray)
-        except (ValueError, visa_errors.InvalidBinaryFormat) as e:
-            raise ReplyError(f"malformed binary block: {e}") from e
+    def _read_crc_block(self) -> bytes:
+        """Read ``#H<crc>,`` + one definite-length block + LF byte by byte counts (a block may hold 0x0A) and
+        return the verified block (header included)."""
+        head = bytes(self.res.read_bytes(13))  # '#H' 8 hex ',' '#' <n>
+        n = head[12:13]
+        if head[11:12] != b"#" or not n.isdigit() or n == b"0":
+            raise ReplyError(f"expected '#H<crc>,#<n>' before a block, got {head!r}")
+        digits = bytes(self.res.read_bytes(int(n)))
+        if not digits.isdigit() or int(digits) > ieee_block.MAX_BLOCK_BYTES:
+            raise ReplyError(f"block length must be {int(n)} ASCII digits, got {digits!r}")
+        rest = bytes(self.res.read_bytes(int(digits) + 1))
+        if rest[-1:] != b"\n":
+            raise ReplyError(f"block reply not terminated by LF: ...{rest[-8:]!r}")
         self.stats["round_trips"] += 1
-        nbytes = values.size * values.itemsize
-        self.stats["bytes_received"] += nbytes + 3 + len(str(nbytes))
+        self.stats["bytes_received"] += len(head) + len(digits) + len(rest)
+        return self._verified(head + digits + rest[:-1])
+
+    def read_block(self, count: int, datatype: str = "f") -> np.ndarray:
+        if self.crc:
+            try:
+                values = ieee_block.decode_block(self._read_crc_block(), datatype)  # type: ignore[arg-type]
+            except BlockError as e:
+                raise ReplyError(f"malformed binary block: {e}") from e
+        else:
+            try:
+                values = self.res.read_binary_values(datatype=datatype, is_big_endian=False, container=np.ndarray)
+            except (ValueError, visa_errors.InvalidBinaryFormat) as e:
+                raise ReplyError(f"malformed binary block: {e}") from e
+            self.stats["round_trips"] += 1
+            nbytes = values.size * values.itemsize
+            self.stats["bytes_received"] += nbytes + 3 + len(str(nbytes))
         log.debug("<- <block %d x %s>", values.size, datatype)
         if values.size != count:
             raise ReplyError(f"block holds {values.size} elements, expected {count}")
@@ -259,11 +345,14 @@ class VisaLink:
         def operation() -> bytes:
             self.write(command)
             try:
-                raw = self.res.read_binary_values(datatype="B", container=bytes)
-            except (ValueError, visa_errors.InvalidBinaryFormat) as e:
+                if self.crc:
+                    raw = ieee_block.split_block(self._read_crc_block())[0]
+                else:
+                    raw = self.res.read_binary_values(datatype="B", container=bytes)
+                    self.stats["round_trips"] += 1
+                    self.stats["bytes_received"] += len(raw) + 3 + len(str(len(raw)))
+            except (ValueError, visa_errors.InvalidBinaryFormat) as e:  # BlockError is a ValueError
                 raise ReplyError(f"malformed block after {command!r}: {e}") from e
-            self.stats["round_trips"] += 1
-            self.stats["bytes_received"] += len(raw) + 3 + len(str(len(raw)))
             log.debug("<- <block of %d bytes> %r", len(raw), bytes(raw[:80]))
             return bytes(raw)
 

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
-    parser = argparse.ArgumentParser(prog="hil", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="hil", description="eqprop-hil: train physical neural networks in situ with Equilibrium Propagation")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug (every message)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     module = None
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except EqpropError as e:
         print(f"hil {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the second Ctrl-C: aborted at once (the instrument was still closed safely)
+        print(f"hil {args.command}: aborted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

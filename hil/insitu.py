@@ -17,6 +17,7 @@ Every pulse command is journaled (write-ahead) before it is sent and marked done
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -139,11 +140,11 @@ class InSituLearner:
         self._setup(program=program_initial)
         self._settings_back()
         self.guard.sync()
+        if resume and program_initial:  # no checkpoint to roll back to: the initial weights were programmed anew
+            self._settle_pending()
 
     # ------------------------------------------------------------------ set-up
     def _with_recommended_gain(self, cfg: RunConfig, calibration: Calibration | None) -> RunConfig:
-        import dataclasses
-
         if calibration is None or calibration.recommended_gain is None:
             raise ConfigError("use_recommended_gain needs a calibration file with a recommended gain (hil calibrate)")
         g = float(calibration.recommended_gain)
@@ -311,8 +312,10 @@ class InSituLearner:
                 commands.append({"edge": e, "feedback": fb, "mode": "matrix", "counts": counts})
         if not commands:
             return
-        base = {"sample": self.samples_seen, "step": step}
-        ids = self.journal.begin_many([{**base, **c} for c in commands])
+        # Each entry records the instrument's executed-command count it will find (commands run in id order): a
+        # resume without a checkpoint settles a pending entry with it (see _settle_pending).
+        base, before = {"sample": self.samples_seen, "step": step}, self.guard.expected
+        ids = self.journal.begin_many([{**base, **c, "executed_before": before + k} for k, c in enumerate(commands)])
         for jid, c in zip(ids, commands):
             crash = self._crash_at == (self.samples_seen, step, c["edge"])
             ack = self.guard.send(jid, c, lambda c=c: self._fire(c, crash=crash))
@@ -450,6 +453,29 @@ class InSituLearner:
             if np.max(np.abs(current - target)) > 0:
                 self._program(e, fb, target)
 
+    def _settle_pending(self) -> None:
+        """Resume without a checkpoint: the weights were re-programmed, nothing is undone, but the journal must
+        still say which pending commands ran (the crash came between send and ``done``). Commands run in id
+        order and nothing ran after them, so entry ``p`` ran iff the instrument's executed-command counter is
+        past ``p["executed_before"]``; a counter outside the pending entries' range (another instrument) proves
+        nothing, and they are marked not applied (the re-programming made their fate irrelevant to the weights)."""
+        pending = self.journal.pending()
+        if not pending:
+            return
+        now = self.guard.executed()
+        befores = [p.get("executed_before") for p in pending]
+        fits = None not in befores and befores[0] <= now <= befores[-1] + 1
+        if not fits:
+            log.warning("resume: executed-command counter %d does not fit the %d pending journal entries (counts "
+                        "%s); marking them not applied, the initial weights were programmed anew", now,
+                        len(pending), befores)
+        for entry, before in zip(pending, befores):
+            ran = fits and now > before
+            self.journal.resolve(entry["id"], "applied" if ran else "not_applied", {
+                "policy": "resume without a checkpoint: executed-command counter" if fits else
+                "resume without a checkpoint: counter does not fit, initial weights programmed anew",
+                "executed_counter": now, "executed_before": before})
+
     def state_dict(self) -> dict:
         return {"samples_seen": self.samples_seen, "counters": dict(self.counters),
                 "journal_next_id": self.journal.next_id, "executed_pulse_commands": self.guard.expected}
@@ -457,6 +483,11 @@ class InSituLearner:
     def load_state_dict(self, state: dict) -> None:
         self.samples_seen = int(state["samples_seen"])
         self.counters.update(state["counters"])
+        # The pulse budget is per run, the driver counts per session: a resumed session gets what is left.
+        budget = self.array.limits.pulse_budget
+        if budget is not None:
+            left = max(0, budget - int(self.counters["pulses_sent"]))
+            self.array.limits = dataclasses.replace(self.array.limits, pulse_budget=left)
         if self._ckpt_params is not None:
             params, self._ckpt_params = self._ckpt_params, None
             self._roll_back(params, state.get("journal_next_id"), state.get("executed_pulse_commands"))

@@ -32,6 +32,7 @@ import numpy as np
 
 from drivers.errors import DeviceRestarted, InstrumentError, LinkError, ReplyError
 from hil.journal import PulseJournal
+from protocols.scpi_integrity import INTEGRITY_ERROR
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,8 +50,8 @@ def transient(error: BaseException) -> bool:
     Busy (140) and command errors (-1xx: a request corrupted on the wire fails to parse) change nothing on the
     instrument by the spec; link and reply errors may have executed, which the caller decides.
     """
-    if isinstance(error, InstrumentError):
-        return error.code == BUSY or -199 <= error.code <= -100
+    if isinstance(error, InstrumentError):  # INTEGRITY_ERROR: CRC of a request wrong, nothing executed (spec 1.2)
+        return error.code in (BUSY, INTEGRITY_ERROR) or -199 <= error.code <= -100
     return isinstance(error, (LinkError, ReplyError, DeviceRestarted))
 
 
@@ -182,7 +183,7 @@ class Guard:
                                 "resume from the last checkpoint instead")
             neg = {"edge": c["edge"], "feedback": c["feedback"], "mode": "matrix",
                    "counts": (-c["counts"].astype(np.int16)).astype(np.int8)}
-            [uid] = self.journal.begin_many([{**base, **neg, "undo_of": jid}])
+            [uid] = self.journal.begin_many([{**base, **neg, "undo_of": jid, "executed_before": self.expected}])
             self.stats["undo_commands"] += 1
             self.send(uid, neg, lambda: fire(neg))
             applied.pop()

@@ -21,13 +21,14 @@ from protocols import ieee_block
 from protocols.errors import EqpropError, ValueRangeError
 from protocols.scpi import Command, ScpiCommandError, format_error_entry, format_number, format_numbers, parse_command
 from protocols.scpi_commands import MAX_SETTLE_STEPS
+from protocols.scpi_integrity import INTEGRITY_ERROR, IntegrityError, decode_request, encode_reply
 
 if TYPE_CHECKING:
     from mock_instruments.physics import ArrayPhysics
 
 log = logging.getLogger(__name__)
 
-VENDOR, MODEL, FIRMWARE = "EQPROP-HIL", "ANALOG-EP-1", "0.1.0"
+VENDOR, MODEL, FIRMWARE = "EQPROP-HIL", "ANALOG-EP-1", "0.2.0"  # 0.2: SYSTem:INTegrity (CRC-32 messages)
 ERROR_QUEUE_DEPTH = 32
 ESR_OPC, ESR_QYE, ESR_DDE, ESR_EXE, ESR_CME, ESR_PON = 0x01, 0x04, 0x08, 0x10, 0x20, 0x80
 
@@ -56,7 +57,7 @@ class AnalogFirmware:
         self.feedback: str = str(topo["feedback"])
         self.activation: str = str(topo["activation"])
         self.counters: dict[str, int] = {"commands": 0, "queries": 0, "errors": 0, "pulse_commands": 0, "pulses": 0,
-                                         "boots": 1}  # counters are non-volatile (survive power cycles)
+                                         "boots": 1, "integrity_refused": 0}  # counters are non-volatile (survive power cycles)
         self.executed: Counter[str] = Counter()  # command keys run without error (conformance coverage)
         self._errors: deque[str] = deque()
         self._ese = 0
@@ -68,6 +69,7 @@ class AnalogFirmware:
         """Volatile registers to their power-on values (also after an emulated power cycle)."""
         self._errors.clear()
         self._esr = ESR_PON
+        self.integrity = False  # CRC-32 required on every message (section 1.2); per connection, off at power-on
         self.compliance = float(self.physics.config.compliance_amperes)
         self.residual = 0.0
         self.last_pulses = 0
@@ -104,8 +106,25 @@ class AnalogFirmware:
 
     # ------------------------------------------------------------------------------------------ execute
     def execute(self, message: bytes) -> bytes | None:
-        """Parse and run one program message. Errors go to the queue; a failed query sends no reply."""
+        """Parse and run one program message. Errors go to the queue; a failed query sends no reply.
+
+        A message carrying a CRC-32 field is checked before anything else, whatever the mode, and its reply
+        carries one too; in integrity mode a message without one is refused. A refused message runs nothing.
+        """
         self.counters["commands"] += 1
+        try:
+            message, protected = decode_request(message, required=self.integrity)
+        except IntegrityError as e:
+            self.counters["integrity_refused"] += 1
+            self.push_error(INTEGRITY_ERROR, str(e))
+            return None
+        reply = self._run(message)
+        if reply is None:
+            return None
+        return (encode_reply(reply) if protected else reply) + b"\n"
+
+    def _run(self, message: bytes) -> bytes | None:
+        """Parse and run one plain message; the reply without its terminator, or None."""
         try:
             command = parse_command(message)
             if command.spec.query:
@@ -123,7 +142,7 @@ class AnalogFirmware:
             return None
         if reply is None:
             return None
-        return (reply.encode("ascii") if isinstance(reply, str) else reply) + b"\n"
+        return reply.encode("ascii") if isinstance(reply, str) else reply
 
     # ------------------------------------------------------------------------------------------ checks
     def _edge(self, edge: int, feedback: bool = False) -> tuple[int, int]:
@@ -174,6 +193,8 @@ class AnalogFirmware:
             "SYST:VERS?": lambda c: "1999.0",
             "SYST:BOOT?": lambda c: format_number(self.counters["boots"]),
             "SYST:DESC?": lambda c: ieee_block.encode_bytes(json.dumps(p.describe(), default=str).encode()),
+            "SYST:INT": lambda c: setattr(self, "integrity", bool(c.args[0])),
+            "SYST:INT?": lambda c: format_number(self.integrity),
             "TOP:SIZ?": lambda c: format_numbers(self.sizes),
             "TOP:EDG?": lambda c: format_numbers([n for e in self.edges for n in e]),
             "TOP:FEED?": lambda c: self.feedback.upper(),

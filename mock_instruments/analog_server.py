@@ -173,6 +173,7 @@ class AnalogServer:
                             log.debug("replacing connection with %s", peer)
                             drop(conn)
                         conn, scanner = new, MessageScanner()
+                        self._new_controller()
                         sel.register(conn, selectors.EVENT_READ, "conn")
                     elif key.data == "pending":
                         sock = key.fileobj
@@ -188,6 +189,7 @@ class AnalogServer:
                             drop(conn)
                         sel.modify(sock, selectors.EVENT_READ, "conn")
                         conn, scanner = sock, rest[0]
+                        self._new_controller()
                         if not self._answer(conn, rest[1]):
                             drop(conn)
                             conn = None
@@ -199,6 +201,12 @@ class AnalogServer:
             for sock in [*pending, *([conn] if conn is not None else [])]:
                 sock.close()
             sel.close()
+
+    def _new_controller(self) -> None:
+        """A new controller starts in plain SCPI: the integrity mode (spec section 1.2) belongs to a connection,
+        so a plain client is never locked out by the mode its predecessor left on."""
+        with self._lock:
+            self.firmware.integrity = False
 
     def _authenticate(self, conn: socket.socket, state: "_Pending") -> Any:
         """Read a pending connection's first message: (scanner, messages after it) if it is the right token,

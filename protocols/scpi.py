@@ -48,6 +48,7 @@ ERROR_MESSAGES: dict[int, str] = {
     101: "Block length does not match the topology",
     102: "Non-finite value in block",
     110: "Nudge current exceeds compliance",
+    120: "Integrity check failed; message not executed",
     140: "Device busy; command not executed",
 }
 
@@ -357,8 +358,8 @@ def parse_command(message: bytes) -> Command:
     extra parameters (-109/-108), malformed numbers (-120), wrong data types (-104, -168), bad blocks
     (-160/-161/-223, 102 for NaN), static ranges (-222). Compound messages (``;``) are not supported (-102).
     """
-    text = message.strip(b" \t")
-    if not text:
+    text = message.lstrip(b" \t")  # not rstrip: a block's last bytes may be 0x20 or 0x09 (pulse counts 32, 9)
+    if not text.rstrip(b" \t"):
         raise ScpiCommandError(-102, "empty message")
     split = re.search(rb"[ \t]", text)
     head, rest = (text[: split.start()], text[split.end() :]) if split else (text, b"")

@@ -83,6 +83,9 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("SYSTem:VERSion?", reply="1999.0", summary="SCPI version"),
     CommandSpec("SYSTem:BOOT?", reply="NR1", summary="boots since manufacture (non-volatile): a change means a power cycle"),
     CommandSpec("SYSTem:DESCribe?", reply="block of UTF-8 JSON", summary="device model, converters, config"),
+    CommandSpec("SYSTem:INTegrity", (Param("enabled", "bool"),),
+                summary="require a CRC-32 field on every message of this connection (spec section 1.2)"),
+    CommandSpec("SYSTem:INTegrity?", reply="1|0", summary="integrity mode of this connection"),
     # topology
     CommandSpec("TOPology:SIZes?", reply="NR1 list, input layer first", summary="neurons per layer"),
     CommandSpec("TOPology:EDGes?", reply="NR1 list src0,dst0,src1,dst1,...", summary="edges, chain then skips"),

@@ -89,10 +89,11 @@ def wire_state(res) -> dict:
 
 # ------------------------------------------------------------------------------------------------ conformance
 GOOD: list[tuple[bytes, str | None]] = [  # (command, expected reply as a regex; None = no reply)
-    (b"*IDN?", r"EQPROP-HIL,ANALOG-EP-1,SIM0001,0\.1\.0"),
+    (b"*IDN?", r"EQPROP-HIL,ANALOG-EP-1,SIM0001,0\.2\.0"),
     (b"*CLS", None), (b"*ESR?", r"0"), (b"*ESE 36", None), (b"*ESE?", r"36"), (b"*STB?", r"0"),
     (b"*OPC", None), (b"*ESR?", r"1"), (b"*OPC?", r"1"),
     (b"SYST:ERR?", r'0,"No error"'), (b"SYST:ERR:COUN?", r"0"), (b"SYST:VERS?", r"1999\.0"),
+    (b"SYST:INT OFF", None), (b"SYST:INT?", r"0"),
     (b"TOP:SIZ?", r"3,4,2"), (b"TOP:EDG?", r"0,1,1,2,0,2"), (b"TOP:FEED?", r"UNTIED"), (b"TOP:ACT?", r"SIGMOID4"),
     (b"DEV:MOD?", r"IDEAL"), (b"CONV:DAC?", r"0,-1\.0,1\.0"), (b"CONV:ADC?", r"0,-2\.0,2\.0"),
     (b"INP " + f32(0.5, -0.25, 1.0), None), (b"PHAS FREE", None), (b"PHAS?", r"FREE"),
@@ -141,6 +142,7 @@ BAD: list[tuple[bytes, int]] = [  # (command, error code): device-level errors o
     (b"*IDN? 1", -108), (b"*RST 1", -108), (b"*CLS 1", -108), (b"*OPC 1", -108), (b"*OPC? 1", -108),
     (b"*ESR? 1", -108), (b"*ESE 256", -222), (b"*ESE? 1", -108), (b"*STB? 1", -108),
     (b"SYST:ERR? 1", -108), (b"SYST:ERR:COUN? 1", -108), (b"SYST:VERS? 1", -108), (b"SYST:DESC? 1", -108),
+    (b"SYST:INT MAYBE", -141), (b"SYST:INT? 1", -108),
     (b"TOP:SIZ? 1", -108), (b"TOP:EDG? 1", -108), (b"TOP:FEED? 1", -108), (b"TOP:ACT? 1", -108),
     (b"DEV:MOD? 1", -108), (b"CONV:DAC? 1", -108), (b"CONV:ADC? 1", -108),
     (b"INP " + f32(0.5, 0.5), 101), (b"INP " + f32(0.5, 0.5, 1.5), -222), (b"INP " + f32(0, 0, np.nan), 102),

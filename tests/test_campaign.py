@@ -6,9 +6,10 @@ counter, hil/recovery.py), a sample interrupted by a reboot is undone with negat
 exactly dw_min) and redone with the same counter-based rounding draws. No re-programming is involved, so the
 only possible difference is float64 round-off of an undo (w + a - a), far below float32 read-back resolution.
 
-SCPI has no integrity check on payload bytes: a flipped bit inside a float or int8 block of a request or a
-reply is a valid, wrong value. Those two kinds (``corrupt``, ``corrupt_request``) are therefore exercised on
-the analog board but reported, not asserted (docs/reliability.md); the FPGA's CRC-16 frames catch them.
+Plain SCPI has no integrity check on payload bytes: a flipped bit inside a float or int8 block is a valid,
+wrong value. The analog driver therefore runs the board's integrity mode (a CRC-32 on every message and reply,
+protocols/analog_board.md section 1.2), so ``corrupt`` and ``corrupt_request`` are asserted on both links
+(the FPGA's frames carry a CRC-16).
 
 Set EQPROP_CAMPAIGN_JSON=path to keep the per-run figures (tools/reliability_table.py reads them).
 """
@@ -39,7 +40,6 @@ SAMPLES = 30
 TIMEOUT_S = 0.15  # short, so that dropped replies cost little; delayed replies wait longer than this
 RATES = {"corrupt": 0.01, "drop": 0.005, "truncate": 0.005, "delay": 0.005, "close": 0.005, "busy": 0.01,
          "power_cycle": 0.004, "corrupt_request": 0.01}
-UNCHECKABLE = {("analog", "corrupt"), ("analog", "corrupt_request")}  # see the module docstring
 RESULTS: list[dict] = []
 
 
@@ -69,6 +69,12 @@ def _executed(server) -> int:
     return int(c.get("pulse_commands", 0)) + int(c.get("outer_commands", 0))
 
 
+def _crc_refused(server) -> int:
+    """Requests the emulator refused because their CRC did not match (analog: CRC-32, FPGA: CRC-16)."""
+    c = server.counters
+    return int(c.get("integrity_refused", c.get("crc_errors", 0)))
+
+
 def campaign_run(kind: str, fault: str | None, tmp_path, mode: str = "matrix") -> dict:
     """One short run; returns the final weights (read from the emulator's physics, not over the faulty link),
     the emulator's executed pulse commands, the journal's applied count and what the resilience layer did."""
@@ -89,6 +95,7 @@ def campaign_run(kind: str, fault: str | None, tmp_path, mode: str = "matrix") -
             out = {"kind": kind, "mode": mode, "fault": fault or "none", "rate": rate,
                    "injected": _fault_counts(server).get(fault, 0) if fault else 0,
                    "executed": _executed(server), "journal_applied": journal.applied_count(),
+                   "crc_refused": _crc_refused(server),
                    "journal_pending": journal.stats()["pending"], **learner.recovery_stats(), "weights": weights}
         finally:
             learner.close()
@@ -123,8 +130,6 @@ def test_every_fault_ends_with_the_fault_free_weights(kind, fault, baselines, tm
              counts_match=r["executed"] == r["journal_applied"], worst=worst)
     RESULTS.append(r)
     assert r["injected"] > 0, f"{fault} never fired on {kind}: raise its rate"
-    if (kind, fault) in UNCHECKABLE:
-        pytest.skip(f"{kind}/{fault}: SCPI blocks carry no checksum; outcome reported: {r['outcome']}")
     assert same, r
     assert r["executed"] == r["journal_applied"], r
     assert r["journal_pending"] == 0

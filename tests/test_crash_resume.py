@@ -120,9 +120,13 @@ class EmulatorProcess(Process):
     def __init__(self) -> None:
         super().__init__([sys.executable, "-m", "mock_instruments", "analog", "--port", "0", "--device", "ideal",
                           "--sizes", SIZES, "--seed", "1"])
-        line = self.next_line(lambda s: s.startswith("TCPIP"), START_TIMEOUT_S)
-        if line is None:
-            raise RuntimeError(f"the emulator exited before printing its resource:\n{self.text()}")
+        try:
+            line = self.next_line(lambda s: s.startswith("TCPIP"), START_TIMEOUT_S)
+            if line is None:
+                raise RuntimeError(f"the emulator exited before printing its resource:\n{self.text()}")
+        except BaseException:
+            self.kill()
+            raise
         self.resource = line.strip()
 
     def stop(self) -> int:
@@ -151,13 +155,24 @@ def emulators():
     assert codes == [0] * len(started), f"emulators exited with {codes}"
 
 
+@pytest.fixture
+def trainers():
+    """Trainer processes the test started; any still running at the end (a failed wait) is killed."""
+    started: list[Process] = []
+    yield started
+    for proc in started:
+        proc.kill()
+
+
 # ------------------------------------------------------------------------------------------ helpers
-def hil(*args: str, cwd: Path, crash_at: str | None = None) -> Process:
+def hil(started: list[Process], *args: str, cwd: Path, crash_at: str | None = None) -> Process:
+    """``hil train ARGS`` as a child process (unbuffered output, so its lines arrive as they are printed)."""
     env = {k: v for k, v in os.environ.items() if k != "EQPROP_HIL_CRASH_AT"}
     env["PYTHONUNBUFFERED"] = "1"
     if crash_at is not None:
         env["EQPROP_HIL_CRASH_AT"] = crash_at
-    return Process([sys.executable, "-m", "hil.cli", "train", *args, "--no-progress"], env=env, cwd=cwd)
+    started.append(Process([sys.executable, "-m", "hil.cli", "train", *args, "--no-progress"], env=env, cwd=cwd))
+    return started[-1]
 
 
 def journal_records(path: Path) -> list[dict]:
@@ -209,44 +224,48 @@ def wait_journal_growth(proc: Process, path: Path, records: int) -> None:
 
 # ------------------------------------------------------------------------------------------ the test
 @pytest.mark.timeout(300)
-def test_sigkill_at_random_points_then_resume_ends_like_a_straight_run(emulators, tmp_path) -> None:
+def test_sigkill_at_random_points_then_resume_ends_like_a_straight_run(emulators, trainers, tmp_path) -> None:
     persistent, fresh = emulators
     rng = random.Random(SEED)
     (tmp_path / "small.toml").write_text(SMALL_TOML)
     common = ["--preset", "digits-hw", "--config", str(tmp_path / "small.toml")]
 
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "crashed"
-    ref = hil(*common, "--instrument", fresh.resource, "--run-dir", str(ref_dir), cwd=tmp_path)
+    ref = hil(trainers, *common, "--instrument", fresh.resource, "--run-dir", str(ref_dir), cwd=tmp_path)
     assert ref.wait(RUN_TIMEOUT_S) == 0, ref.text()
     ref_commands = commands(ref_dir / "journal.jsonl")
     assert len(ref_commands) > 100
 
-    def hook_target(lo: int, hi: int) -> str:
-        """A pulse command of the reference run in samples lo..hi, past what the crashing run journaled. The
-        command on the first edge of a step is preferred: the step's other command is then journaled, unsent."""
+    steps = [c[:2] for c in ref_commands]
+    not_last = {c for c, nxt in zip(ref_commands, steps[1:]) if nxt == c[:2]}  # the step sends another after it
+
+    def hook_target(lo: int, hi: int, not_last_of_step: bool) -> str:
+        """A pulse command of the reference run in samples lo..hi, past what the crashing run journaled; with
+        ``not_last_of_step``, one followed by another command of its step (journaled with it, never sent)."""
         lo = max(lo, furthest_sample(run_dir / "journal.jsonl") + 1)
         hi = max(hi, lo)
-        pool = [c for c in ref_commands if lo <= c[0] <= hi] or [c for c in ref_commands if c[0] >= lo]
+        wanted = [c for c in ref_commands if not not_last_of_step or c in not_last]
+        pool = [c for c in wanted if lo <= c[0] <= hi] or [c for c in ref_commands if c[0] >= lo]
         assert pool, f"no reference pulse command at or after sample {lo}"
         return ":".join(map(str, rng.choice(pool)))
 
     # (kind, parameter) in order; hooks are resolved when their turn comes (they depend on where the run is)
     plan = [
-        ("hook", (1, FIRST_CHECKPOINT - 2)),  # before any mid-epoch checkpoint
+        ("hook", (1, FIRST_CHECKPOINT - 2, True)),  # before any checkpoint
         ("journal", rng.randint(30, 200)),
-        ("hook", (FIRST_CHECKPOINT, N_TRAIN - 2)),
+        ("hook", (FIRST_CHECKPOINT, N_TRAIN - 2, True)),
         ("eval", rng.randint(1, 8)),
         ("stdout", "epoch"),
-        ("hook", (N_TRAIN + 1, 2 * N_TRAIN - 12)),
+        ("hook", (N_TRAIN + 1, 2 * N_TRAIN - 12, False)),
         ("journal", rng.randint(10, 150)),
-        ("hook", (N_TRAIN + 1, 2 * N_TRAIN - 2)),
+        ("hook", (N_TRAIN + 1, 2 * N_TRAIN - 2, True)),
     ]
     log, done = [], False
-    for step, (kind, param) in enumerate(plan):
-        start = [*common, "--instrument", persistent.resource, "--run-dir", str(run_dir)] if step == 0 else \
+    for n, (kind, param) in enumerate(plan):
+        start = [*common, "--instrument", persistent.resource, "--run-dir", str(run_dir)] if n == 0 else \
             ["--resume", str(run_dir)]
         crash_at = hook_target(*param) if kind == "hook" else f"eval:{param}" if kind == "eval" else None
-        proc = hil(*start, cwd=tmp_path, crash_at=crash_at)
+        proc = hil(trainers, *start, cwd=tmp_path, crash_at=crash_at)
         if kind in ("hook", "eval"):
             rc = proc.wait(RUN_TIMEOUT_S)
             assert rc == -signal.SIGKILL, f"{kind} {crash_at} did not kill the trainer (rc {rc}):\n{proc.text()}"
@@ -256,7 +275,7 @@ def test_sigkill_at_random_points_then_resume_ends_like_a_straight_run(emulators
         else:
             proc.next_line(lambda s: s.startswith(param), RUN_TIMEOUT_S)
             rc = proc.kill()
-        assert rc in (0, -signal.SIGKILL), f"crash {step} ({kind}): the trainer failed (rc {rc}):\n{proc.text()}"
+        assert rc in (0, -signal.SIGKILL), f"crash {n} ({kind}): the trainer failed (rc {rc}):\n{proc.text()}"
         pending = PulseJournal(run_dir / "journal.jsonl", readonly=True).stats()["pending"]
         log.append(f"{kind} {crash_at or param}: rc {rc}, journal pending {pending}, "
                    f"checkpoints {[p.name for p in RunDir(run_dir).checkpoints()]}")
@@ -264,7 +283,7 @@ def test_sigkill_at_random_points_then_resume_ends_like_a_straight_run(emulators
             done = True
             break
     if not done:
-        final = hil("--resume", str(run_dir), cwd=tmp_path)
+        final = hil(trainers, "--resume", str(run_dir), cwd=tmp_path)
         assert final.wait(RUN_TIMEOUT_S) == 0, final.text()
     print("\n".join(log))
     kills = sum(1 for line in log if "rc -9" in line)
@@ -294,4 +313,8 @@ def test_sigkill_at_random_points_then_resume_ends_like_a_straight_run(emulators
         journal = PulseJournal(path, readonly=True)
         assert journal.stats()["pending"] == 0, journal.stats()
         assert journal.applied_count() == executed, (path, journal.stats(), executed)
+    # both verdicts were reached: each hooked command ran unacknowledged-in-the-journal, and the commands
+    # journaled after it in its step never left the host
+    verdicts = PulseJournal(run_dir / "journal.jsonl", readonly=True).stats()
+    assert verdicts["applied"] >= sum(kind == "hook" for kind, _ in plan) and verdicts["not_applied"] >= 1, verdicts
     assert len(ref_commands) == ref_executed  # the reference: one journaled command per executed one

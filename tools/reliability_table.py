@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("kind", "mode", "fault", "rate", "injected", "retries", "resent", "found_applied", "redos",
-           "undo_commands", "executed", "journal_applied", "outcome")
+           "undo_commands", "crc_refused", "executed", "journal_applied", "outcome")
 
 
 def table(results: list[dict]) -> str:
@@ -30,9 +30,10 @@ def table(results: list[dict]) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in results:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |")
-    lines += ["", "Analog `corrupt` and `corrupt_request`: SCPI blocks carry no checksum, so a flipped bit inside a "
-              "float or int8 payload is a valid wrong value; header and syntax flips are caught and retried. "
-              "These rows are reported, not asserted. The FPGA link's CRC-16 frames catch every flip.", ""]
+    lines += ["", "`crc_refused`: requests the emulator refused because their CRC did not match, so nothing ran "
+              "(analog: the CRC-32 of the board's integrity mode, protocols/analog_board.md section 1.2, which the "
+              "driver switches on; FPGA: the CRC-16 of every frame). Corrupted replies fail the driver's CRC check "
+              "and are retried, or settled by the executed-pulse-command counter. Every row is asserted.", ""]
     return "\n".join(lines)
 
 
