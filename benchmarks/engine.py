@@ -95,23 +95,8 @@ def throughput(batches: dict[str, int]) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ settling
 def settle_steps(net, x, *, tol: float = 1e-4, max_steps: int = 1000):
-    """Per sample, the number of free steps from zero until max |s_{t+1} - s_t| < tol (max_steps if never)."""
-    import torch
-
-    s = net.zero_state(x)
-    steps = torch.full((x.shape[0],), max_steps, dtype=torch.long)
-    pending = torch.ones(x.shape[0], dtype=torch.bool)
-    with torch.no_grad():
-        for t in range(1, max_steps + 1):
-            new = net.step(s)
-            change = torch.stack([(a - b).abs().amax(dim=1) for a, b in zip(new[1:], s[1:])]).amax(dim=0)
-            hit = pending & (change < tol)
-            steps[hit] = t
-            pending &= ~hit
-            s = new
-            if not bool(pending.any()):
-                break
-    return steps
+    """Per sample, free steps from zero until max |s_{t+1} - s_t| < tol (max_steps if never)."""
+    return net.settle_steps(x, tol=tol, max_steps=max_steps)
 
 
 def settling(quick: bool) -> list[dict]:

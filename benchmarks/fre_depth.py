@@ -40,22 +40,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> preset, extra ove
 
 def settle_steps(net: Any, x: Any, *, tol: float = TOL, max_steps: int = CAP) -> Any:
     """Per sample (LongTensor (batch,)): free steps from the zero state until max |s_{t+1} - s_t| < tol."""
-    import torch
-
-    s = net.zero_state(x)
-    steps = torch.full((x.shape[0],), max_steps, dtype=torch.long)
-    pending = torch.ones(x.shape[0], dtype=torch.bool)
-    with torch.no_grad():
-        for t in range(1, max_steps + 1):
-            new = net.step(s)
-            change = torch.stack([(a - b).abs().amax(dim=1) for a, b in zip(new[1:], s[1:])]).amax(dim=0)  # (batch,)
-            hit = pending & (change < tol)
-            steps[hit] = t
-            pending &= ~hit
-            s = new
-            if not bool(pending.any()):
-                break
-    return steps
+    return net.settle_steps(x, tol=tol, max_steps=max_steps)
 
 
 def _stats(steps: Any) -> dict[str, float]:

@@ -32,11 +32,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask once (os.umask can only be read by setting it)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``path`` so that it holds either the old or the new content, never a torn mix (temp + fsync + replace)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; run records are for the whole lab to read
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -184,6 +184,24 @@ class Network:
             s = self.step(s)
         return s
 
+    @torch.no_grad()
+    def settle_steps(self, x: torch.Tensor, *, tol: float = 1e-4, max_steps: int = 1000) -> torch.Tensor:
+        """Per sample, (batch,) long: free steps from rest until max |s_{t+1} - s_t| < tol (``max_steps`` if never);
+        the figure behind FRE's feedback regulation (fast, stable settling)."""
+        s = self.zero_state(x)
+        steps = torch.full((x.shape[0],), max_steps, dtype=torch.long)
+        pending = torch.ones(x.shape[0], dtype=torch.bool)
+        for t in range(1, max_steps + 1):
+            new = self.step(s)
+            change = torch.stack([(a - b).abs().amax(dim=1) for a, b in zip(new[1:], s[1:])]).amax(dim=0)
+            hit = pending & (change < tol)
+            steps[hit] = t
+            pending &= ~hit
+            s = new
+            if not bool(pending.any()):
+                break
+        return steps
+
     # ------------------------------------------------------------------ readout
     def output(self, s: list[torch.Tensor]) -> torch.Tensor:
         """What the prediction is read from: the output layer, or the softmax readout's probabilities."""

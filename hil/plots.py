@@ -7,12 +7,15 @@ figure state, no GUI backend, safe in a headless lab PC or CI.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from hil.durable import atomic_write_bytes
 
 # metric key -> (panel, label); accuracies are fractions 0..1 and are drawn in percent
 CURVES: dict[str, tuple[str, str]] = {
@@ -41,15 +44,10 @@ def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 120) -> Path:
     if not path.suffix:
         path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=path.suffix.lstrip(".").lower(), dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if "matplotlib.pyplot" in __import__("sys").modules:  # a pyplot figure would otherwise stay alive
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".").lower(), dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())
+    if "matplotlib.pyplot" in sys.modules:  # a pyplot figure would otherwise stay alive
         import matplotlib.pyplot as plt
 
         plt.close(fig)

@@ -20,12 +20,12 @@ it loads with ``torch.load(weights_only=True)``: nothing in it can run code. num
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import logging
 import os
 import random
 import re
-import tempfile
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from hil.durable import RunError, atomic_write_bytes, drop_torn_tail, fsync_dir, to_json_safe, write_all
+from hil.durable import RunError, atomic_write_bytes, drop_torn_tail, to_json_safe, write_all
 from hil.toml_writer import TomlWriteError, toml_dumps
 
 __all__ = ["RunError", "RunDir", "DataCursor", "capture_rng_state", "restore_rng_state", "resolve_run_dir",
@@ -326,17 +326,9 @@ class RunDir:
         seq = int(_CKPT_RE.match(existing[-1].name).group(1)) + 1 if existing else 1
         target = self.checkpoint_dir / f"ckpt-{seq:08d}.pt"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=self.checkpoint_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_dir(self.checkpoint_dir)
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        atomic_write_bytes(target, buf.getvalue())  # temp file, fsync, rename: never a torn checkpoint
         for old in self.checkpoints()[: -self.KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
         return target
