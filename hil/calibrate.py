@@ -188,7 +188,7 @@ def half_range(fit: SoftBoundsFit) -> float:
     return float(np.median(np.minimum(fit.w_max, -fit.w_min)[good])) if good.any() else float("nan")
 
 
-def weight_mapping(half: float, up: float, down: float, fan_in: int, *, k: float = 4.0,
+def weight_mapping(half: float, up: float, down: float, fan_in: int, *, k: float = 16.0,
                    margin: float = 0.8) -> dict[str, float]:
     """Scale of one matrix: ``k / sqrt(fan_in)`` (k initial bounds) maps to ``margin`` of the device half range
     ``half``; ``up``/``down`` are the median steps (device units), giving the effective pulse quantum.
@@ -382,7 +382,7 @@ class CalibrationOptions:
     quick: bool = False
     pulses: int = 127  # pulses per command (capped by the driver's limits)
     commands: int | None = None  # commands per run (down, up, down): 16, quick 8
-    k: float = 4.0  # software weight range in initial bounds 1/sqrt(fan_in)
+    k: float = 16.0  # software weight range in initial bounds 1/sqrt(fan_in); 16: see InstrumentConfig.weight_range
     margin: float = 0.8  # fraction of the device half range the software range maps onto
     tolerance: float = 1e-4  # settle tolerance, volts: max |s_{t+1} - s_t|
     gains: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1, 0.05)

@@ -59,7 +59,7 @@ def test_recovers_soft_bounds_parameters_and_restores_the_instrument(kind: str) 
             assert abs(float(np.median(down)) / (ec.scale * float(np.median(dev.dw_down))) - 1) < STEP_TOL
             # the mapping puts k / sqrt(fan_in) at margin * the device half range
             m = cal.report["matrices"][f"{e}f"]["mapping"]
-            assert ec.scale == pytest.approx(4.0 / np.sqrt(dev.shape[1]) / (0.8 * m["device_half_range"]))
+            assert ec.scale == pytest.approx(CalibrationOptions().k / np.sqrt(dev.shape[1]) / (0.8 * m["device_half_range"]))
             # weights reprogrammed within the write-verify tolerance, scales and gains put back
             assert np.abs(em.physics.read_weights(e) - before[e]).max() <= 0.0101
             assert em.physics.scale(e) == 1.0 and em.physics.gain(e) == 1.0

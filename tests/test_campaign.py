@@ -48,7 +48,8 @@ def _cfg(resource: str, mode: str = "matrix"):
         "model": {"sizes": SIZES},
         "rule": {"t1": 15, "t2": 4, "lr": [0.004, 0.002]},
         "train": {"batch_size": 1, "data_limit": SAMPLES, "epochs": 1, "seed": 5},
-        "instrument": {"resource": resource, "update_mode": mode, "timeout_s": TIMEOUT_S,
+        # weight_range 4: a fine pulse quantum, so nearly every step sends a pulse command for faults to hit
+        "instrument": {"resource": resource, "update_mode": mode, "timeout_s": TIMEOUT_S, "weight_range": 4.0,
                        "limits": {"max_pulses_per_device": 127}},
     })
 

@@ -35,7 +35,9 @@ def config(resource: str, mode: str, **train):
         "model": {"sizes": [64, 24, 10]},
         "rule": {"t1": 20, "t2": T2, "lr": [0.004, 0.002]},
         "train": {"batch_size": 1, "data_limit": 40, "epochs": 1, **train},
-        "instrument": {"resource": resource, "update_mode": mode, "limits": {"max_pulses_per_device": 127}},
+        # a tight mapping (small pulse quantum) keeps this comparison sharp; the default is wider
+        "instrument": {"resource": resource, "update_mode": mode, "weight_range": 4.0,
+                       "limits": {"max_pulses_per_device": 127}},
     })
 
 
