@@ -1,17 +1,24 @@
-"""Generate docs/reliability.md from the fault campaign's own output (tests/test_campaign.py).
+"""Generate docs/reliability.md from the test suite's own output: the fault campaign and the bad-input tests.
 
-    python tools/reliability_table.py --run            # run the campaign, then write docs/reliability.md
-    python tools/reliability_table.py --json FILE      # only write the table from a campaign JSON file
+    python tools/reliability_table.py --run            # run both, then write docs/reliability.md
+    python tools/reliability_table.py --json FILE      # only write the fault table from a campaign JSON file
+
+The fault section comes from tests/test_campaign.py's JSON; the bad-input section from pytest's junit XML and
+Hypothesis's statistics (tools/bad_input_table.py), so every count in the document is measured, not typed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import xml.etree.ElementTree as ET
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,9 +44,153 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Where the input enters -> the tests (file, function) that feed it bad input. Which tests count as bad-input tests
+# is a choice made here; every count and result in the section comes from pytest's own output.
+BAD_INPUT: dict[str, list[tuple[str, str]]] = {
+    "serial frames": [("test_framing.py", t) for t in (
+        "test_encode_refuses_what_the_header_cannot_hold", "test_each_rejection_is_a_typed_frame_error",
+        "test_crc_error_keeps_the_unverified_header_for_the_answer",
+        "test_truncated_frame_is_cut_off_by_the_next_leading_delimiter",
+        "test_oversized_frame_is_discarded_until_the_next_delimiter", "test_corrupt_frame_does_not_hide_its_neighbours",
+        "test_reader_never_crashes_on_random_bytes", "test_single_bit_errors_are_always_detected",
+        "test_mutated_encoded_frames_decode_or_raise_frame_error")]
+    + [("test_fpga_messages.py", t) for t in (
+        "test_out_of_range_values_are_refused_with_the_value", "test_truncated_and_padded_requests_are_refused",
+        "test_encoders_name_the_field_at_fault", "test_decoders_refuse_non_finite_floats_and_bad_text",
+        "test_envelope_errors", "test_random_payloads_decode_or_raise_protocol_error")]
+    + [("test_fpga_array.py", t) for t in (
+        "test_each_error_status_changes_nothing", "test_bad_crc_and_bad_version_are_answered_not_executed",
+        "test_fuzzed_bytes_never_change_the_device")],
+    "SCPI lines": [("test_scpi.py", t) for t in (
+        "test_each_defect_has_its_code", "test_scanner_overrun_discards_to_next_lf",
+        "test_random_bytes_parse_or_raise_a_known_code", "test_mutated_commands_parse_or_raise_a_known_code")]
+    + [("test_scpi_integrity.py", t) for t in (
+        "test_malformed_requests_name_the_problem", "test_round_trip_and_every_single_bit_flip_is_caught",
+        "test_corrupted_requests_are_refused_and_change_nothing")]
+    + [("test_analog_board.py", t) for t in (
+        "test_errors_change_nothing", "test_random_and_mutated_lines_over_tcp",
+        "test_instrument_errors_are_typed_and_change_nothing")],
+    "IEEE blocks": [("test_ieee_block.py", t) for t in (
+        "test_malformed_blocks_quote_the_bytes", "test_count_mismatch_and_termination",
+        "test_integer_overflow_is_refused_not_wrapped", "test_random_bytes_decode_or_raise_block_error",
+        "test_mutated_blocks_never_crash")],
+    "instrument replies": [("test_bad_input.py", t) for t in (
+        "test_analog_blocks_with_infinities_or_wrong_sizes", "test_analog_garbage_at_open",
+        "test_analog_description_that_is_not_json", "test_fpga_bad_replies_are_typed_and_end_the_exchange")]
+    + [("test_scpi_integrity.py", "test_replies_and_fields_refuse_defects")],
+    "config files": [("test_bad_input.py", "test_bad_config_is_refused_before_the_instrument_is_touched")]
+    + [("test_config.py", t) for t in (
+        "test_bad_config_is_refused_with_the_key_named", "test_unknown_preset_lists_the_known_ones",
+        "test_file_overrides_preset_and_bad_toml_is_named")],
+    "dataset files": [("test_bad_input.py", "test_truncated_idx_dataset_is_refused_before_the_instrument_is_touched")]
+    + [("test_data.py", t) for t in (
+        "test_unknown_name_lists_known_names", "test_mnist5k_missing_package_or_file_names_the_fix",
+        "test_malformed_pixel_csv_is_refused", "test_idx_missing_files_are_named",
+        "test_malformed_idx_is_refused_naming_the_file", "test_broken_gzip_is_refused",
+        "test_idx_count_mismatch_and_bad_types")],
+    "access control": [("test_security.py", t) for t in (
+        "test_analog_stranger_is_refused_and_nothing_runs", "test_analog_driver_needs_the_token",
+        "test_a_board_without_a_token_accepts_any_authentication", "test_fpga_stranger_is_refused_and_nothing_runs",
+        "test_fpga_garbage_before_auth_closes_without_an_answer", "test_fpga_driver_needs_the_token",
+        "test_fpga_reconnect_authenticates_again", "test_open_array_passes_the_token_to_the_emulator_and_the_driver",
+        "test_launcher_refuses_a_network_address_without_a_token", "test_mock_command_serves_with_a_token_file",
+        "test_no_module_unpickles")],
+    "safety limits": [("test_safety.py", t) for t in (
+        "test_limits_are_enforced_before_anything_is_sent",
+        "test_a_run_that_would_exceed_its_pulse_budget_stops_and_leaves_the_board_safe")]
+    + [("test_fpga_array.py", t) for t in (
+        "test_limits_are_checked_before_sending", "test_invalid_link_rates_are_refused",
+        "test_closed_array_refuses_commands")]
+    + [("test_analog_board.py", t) for t in (
+        "test_driver_refuses_out_of_limit_values_before_sending", "test_tied_board_refuses_feedback_matrices")],
+}
+_STATS_HEAD = re.compile(r"^(tests/\S+?\.py)::(test_\w+)(\[.*\])?:\s*$")
+_STATS_LINE = re.compile(r"(\d+) passing(?: examples?)?, (\d+) failing(?: examples?)?, (?:and )?(\d+) invalid")
+
+
+def run_bad_input(root: Path = ROOT, timeout_s: float = 300.0) -> dict:
+    """Run the bad-input tests once; return per test function its junit results and Hypothesis example counts.
+
+    Hypothesis prints, per test and per phase, "N passing, M failing, and K invalid test cases" (older releases:
+    "N passing examples, M failing examples, K invalid examples");
+    summing passing + failing over the phases gives the inputs actually tried."""
+    work = Path(tempfile.mkdtemp(prefix="bad-input-"))
+    junit = work / "junit.xml"
+    ids = [f"tests/{f}::{t}" for tests in BAD_INPUT.values() for f, t in tests]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                           "--hypothesis-show-statistics", *ids], cwd=root, capture_output=True, text=True,
+                          timeout=timeout_s)
+    if proc.returncode != 0:
+        print(f"bad-input tests: pytest exit {proc.returncode}; table written from what ran", file=sys.stderr)
+    cases: dict[tuple[str, str], dict] = defaultdict(lambda: {"cases": 0, "passed": 0, "failed": 0, "skipped": 0})
+    for tc in ET.parse(junit).getroot().iter("testcase"):
+        key = (tc.get("classname", "").rsplit(".", 1)[-1] + ".py", tc.get("name", "").split("[", 1)[0])
+        row = cases[key]
+        row["cases"] += 1
+        if tc.find("skipped") is not None:
+            row["skipped"] += 1
+        elif tc.find("failure") is not None or tc.find("error") is not None:
+            row["failed"] += 1
+        else:
+            row["passed"] += 1
+    examples: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    current = None
+    for line in proc.stdout.splitlines():
+        head = _STATS_HEAD.match(line.strip())
+        if head:
+            current = (Path(head.group(1)).name, head.group(2))
+            continue
+        counts = _STATS_LINE.search(line)
+        if counts and current:
+            for i in range(3):
+                examples[current][i] += int(counts.group(i + 1))
+    return {"exit": proc.returncode, "cases": {f"{f}::{t}": v for (f, t), v in cases.items()},
+            "examples": {f"{f}::{t}": v for (f, t), v in examples.items()}}
+
+
+def _asserts(root: Path, file: str, test: str) -> str:
+    """What the test asserts, in its own words: the first sentence of its docstring, else its name."""
+    tree = ast.parse((root / "tests" / file).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == test:
+            doc = ast.get_docstring(node)
+            if doc:
+                return " ".join(doc.split())
+    return test.removeprefix("test_").replace("_", " ")
+
+
+def bad_input_section(result: dict, root: Path = ROOT) -> str:
+    """Markdown: one row per bad-input test, grouped by where the input enters, counts from pytest's output."""
+    lines = ["# Bad input", "",
+             "Generated by `python tools/reliability_table.py --run` from pytest's junit XML and "
+             "`--hypothesis-show-statistics` output; do not edit. `inputs`: Hypothesis examples run (passing + "
+             "failing, all phases) where the test is property-based, else its parametrised cases (1 per case). "
+             "`asserts`: the test's docstring, or its name.", ""]
+    total_cases = total_examples = total_failed = 0
+    for group, tests in BAD_INPUT.items():
+        lines += [f"## {group}", "", "| test | cases | inputs | result | asserts |", "|---|---|---|---|---|"]
+        for file, test in tests:
+            key = f"{file}::{test}"
+            row = result["cases"].get(key, {"cases": 0, "passed": 0, "failed": 0, "skipped": 0})
+            ex = result["examples"].get(key)
+            inputs = f"{ex[0] + ex[1]} examples" + (f" ({ex[2]} invalid)" if ex[2] else "") if ex else str(row["cases"])
+            outcome = ("not run" if row["cases"] == 0 else "failed" if row["failed"] else
+                       "skipped" if row["skipped"] == row["cases"] else "passed")
+            details = [f"{row[k]} {k}" for k in ("failed", "skipped") if row[k]]
+            outcome += f" ({', '.join(details)})" if details and outcome != "skipped" else ""
+            lines.append(f"| `{key}` | {row['cases']} | {inputs} | {outcome} | {_asserts(root, file, test)} |")
+            total_cases += row["cases"]
+            total_failed += row["failed"]
+            total_examples += (ex[0] + ex[1]) if ex else 0
+        lines.append("")
+    lines += [f"Totals: {sum(len(t) for t in BAD_INPUT.values())} tests, {total_cases} cases, {total_examples} "
+              f"Hypothesis examples, {total_failed} failed (pytest exit {result['exit']}).", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", action="store_true", help="run tests/test_campaign.py first")
+    ap.add_argument("--run", action="store_true", help="run tests/test_campaign.py and the bad-input tests first")
     ap.add_argument("--json", help="campaign JSON file to read (default: the one --run writes)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "reliability.md"))
     args = ap.parse_args(argv)
@@ -53,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"campaign failed (pytest exit {rc}); table written from what ran", file=sys.stderr)
     if not path:
         ap.error("give --run or --json FILE")
-    Path(args.out).write_text(table(json.loads(Path(path).read_text())))
+    text = table(json.loads(Path(path).read_text()))
+    if args.run:
+        text += "\n" + bad_input_section(run_bad_input())
+    Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     return 0
 
