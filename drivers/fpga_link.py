@@ -10,6 +10,7 @@ cache: :class:`DeviceRestarted` is raised and the next command starts with a SYN
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -231,11 +232,9 @@ class FpgaLink:
         return True
 
     def _reconnect(self) -> None:
-        try:
-            if self._serial is not None:
+        if self._serial is not None:
+            with contextlib.suppress(serial.SerialException, OSError):  # a dead port may fail to close
                 self._serial.close()
-        except (serial.SerialException, OSError):
-            pass
         self._reader = FrameReader()
         self.stats["reconnects"] += 1
         self._serial = self._open()

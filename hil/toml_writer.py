@@ -20,14 +20,14 @@ class TomlWriteError(EqpropError, ValueError):
     """A value TOML cannot represent (None inside an array, an integer beyond 64 bits, an arbitrary object)."""
 
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # used with fullmatch: "$" would also accept a trailing newline
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
 
 def _toml_key(key: object, where: str) -> str:
     if not isinstance(key, str):
         raise TomlWriteError(f"TOML keys must be strings, got {key!r} at {where or 'top level'}")
-    return key if _BARE_KEY.match(key) else _toml_str(key)
+    return key if _BARE_KEY.fullmatch(key) else _toml_str(key)
 
 
 def _toml_str(s: str) -> str:

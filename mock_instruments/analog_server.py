@@ -18,6 +18,7 @@ knock the controller off the link.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import selectors
 import socket
@@ -246,10 +247,8 @@ class AnalogServer:
             log.warning("refused a connection that sent %r before authenticating",
                         first[:40] if isinstance(first, bytes) else first)
         self._send(conn, AUTH_REFUSED_LINE + b"\n")
-        try:
+        with contextlib.suppress(OSError):  # the refused peer may already be gone
             conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
     def _send(self, conn: socket.socket, data: bytes) -> bool:
         try:

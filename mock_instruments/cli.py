@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             print(emulator.resource, flush=True)
             while not stop.wait(0.5):  # a bounded wait keeps the main thread responsive to signals everywhere
-                pass
+                continue
         finally:
             emulator.stop()
     finally:

@@ -17,6 +17,7 @@ here, never by the device: without a token any AUTH is accepted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -116,10 +117,8 @@ class FpgaServer:
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         for fd in self._fds:
-            try:
+            with contextlib.suppress(OSError):  # already closed by the peer side
                 os.close(fd)
-            except OSError:
-                pass
         self._fds = []
         if self._sock is not None:
             self._sock.close()
