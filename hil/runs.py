@@ -42,7 +42,7 @@ __all__ = ["RunError", "RunDir", "DataCursor", "capture_rng_state", "restore_rng
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-_CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
+_CKPT_RE = re.compile(r"ckpt-(\d{8})\.pt")
 
 
 # --------------------------------------------------------------------------------------- checkpoint state
@@ -304,8 +304,8 @@ class RunDir:
         """Complete checkpoint files, oldest first (temp files from an interrupted save are not listed)."""
         if not self.checkpoint_dir.is_dir():
             return []
-        found = [p for p in self.checkpoint_dir.iterdir() if _CKPT_RE.match(p.name)]
-        return sorted(found, key=lambda p: int(_CKPT_RE.match(p.name).group(1)))
+        found = [p for p in self.checkpoint_dir.iterdir() if _CKPT_RE.fullmatch(p.name)]
+        return sorted(found, key=lambda p: int(_CKPT_RE.fullmatch(p.name).group(1)))
 
     def save_checkpoint(self, state: dict) -> Path:
         """Write a self-contained checkpoint atomically; keep it and the previous one.
@@ -323,7 +323,7 @@ class RunDir:
         payload = {"format": "eqprop-hil-checkpoint", "version": CHECKPOINT_VERSION,
                    "state": _plain_for_torch(full, "state")}
         existing = self.checkpoints()
-        seq = int(_CKPT_RE.match(existing[-1].name).group(1)) + 1 if existing else 1
+        seq = int(_CKPT_RE.fullmatch(existing[-1].name).group(1)) + 1 if existing else 1
         target = self.checkpoint_dir / f"ckpt-{seq:08d}.pt"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()

@@ -28,14 +28,14 @@ AUTH_REFUSED_LINE = b'-203,"Command protected; send SYST:AUTH? \\"<token>\\" fir
 
 # SYSTem:AUTHenticate "<token>" (set form, no reply) or SYSTem:AUTHenticate? "<token>" (answers 1).
 _AUTH = re.compile(rb'^\s*:?SYST(?:EM)?:AUTH(?:ENTICATE)?(\?)?\s+"([^"]*)"\s*$', re.IGNORECASE)
-_TOKEN_CHARS = re.compile(r"^[!#-~]+$")  # printable ASCII without space and double quote
+_TOKEN_CHARS = re.compile(r"[!#-~]+")  # printable ASCII without space and double quote
 
 
 def check_token(token: object, what: str = "token") -> str:
     """Return ``token`` if it is a usable shared token: 1..255 printable ASCII characters, no space or ``"``."""
     if not isinstance(token, str) or not token:
         raise ValueRangeError(f"{what} must be a non-empty string, got {type(token).__name__}")
-    if len(token) > MAX_TOKEN_CHARS or not _TOKEN_CHARS.match(token):
+    if len(token) > MAX_TOKEN_CHARS or not _TOKEN_CHARS.fullmatch(token):
         raise ValueRangeError(
             f"{what} must be 1..{MAX_TOKEN_CHARS} printable ASCII characters without spaces or double quotes "
             f"(got {len(token)} characters); e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))'"

@@ -243,3 +243,13 @@ def test_atomic_config_write_leaves_no_temp_files(tmp_path: Path) -> None:
     run.write_config({"a": 1})
     run.write_snapshot({"b": 2})
     assert sorted(os.listdir(run.path)) == ["checkpoint", "config.toml", "instrument.json", "plots"]
+
+
+def test_toml_keys_with_a_trailing_newline_are_quoted() -> None:
+    """Found by the property test: `^...$` also matched before a trailing newline, so "0\\n" went out bare."""
+    import tomllib
+
+    from hil.toml_writer import toml_dumps
+
+    for doc in ({"0": False, "0\n": {}}, {"0\n": []}, {"a\n": 1}):
+        assert tomllib.loads(toml_dumps(doc)) == doc

@@ -250,3 +250,13 @@ def test_no_module_unpickles() -> None:
                     problems.append(f"{where}:{node.lineno}: np.load with allow_pickle")
     assert not problems, problems
     assert len(_sources()) > 40  # the walk really saw the packages
+
+
+def test_a_token_with_a_trailing_newline_is_refused() -> None:
+    """`^...$` accepts "abc\\n"; the check must take the whole token, or a newline would end the SCPI line early."""
+    from protocols.auth import check_token
+    from protocols.errors import ValueRangeError
+
+    with pytest.raises(ValueRangeError):
+        check_token("abc\n")
+    assert check_token("abc") == "abc"
