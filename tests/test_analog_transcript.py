@@ -198,7 +198,7 @@ def test_garbage_blocks_raise_reply_error(reply: bytes, message: str) -> None:
 def test_garbage_identity_raises_reply_error() -> None:
     with pytest.raises(ReplyError, match="4 comma-separated"):
         with scripted([(b"*IDN?", b"HELLO"), (b"SYST:ERR?", NOERR)], retries=0):
-            pass
+            ...  # opening is the test: *IDN? is the first query
 
 
 def test_timeout_reconnects_and_retries_an_idempotent_query() -> None:

@@ -160,7 +160,7 @@ def test_a_close_inherited_from_a_base_listed_before_the_mixin_is_wrapped_too() 
             self.log.append("link closed")
 
     class Driver(Base, CloseCallbacks):
-        pass
+        """A driver whose close the mixin wraps."""
 
     driver = Driver()
     driver.add_close_callback(lambda: driver.log.append("stopped"))
