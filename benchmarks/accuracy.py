@@ -84,10 +84,10 @@ def train_one(preset: str, overrides: dict[str, Any], probe: Callable[..., dict]
     import torch
 
     torch.set_num_threads(1)
-    from hil.config import resolve
-    from hil.learners import build_learner
-    from hil.runs import RunDir
-    from hil.train import prepare_data, train
+    from eqprop_hil.config import resolve
+    from eqprop_hil.engine.learners import build_learner
+    from eqprop_hil.runs.rundir import RunDir
+    from eqprop_hil.train import prepare_data, train
 
     cfg = resolve(preset, None, overrides)
     learner = build_learner(cfg)
@@ -186,7 +186,7 @@ def table(summary: dict[str, dict], title: str) -> str:
 
 def plot(report: dict[str, dict], path: Path) -> Path:
     """One panel per data set: bars = median last-epoch accuracy, dots = seeds, band = backprop - 1.5 points."""
-    from hil.plots import new_figure, save_figure
+    from eqprop_hil.runs.plots import new_figure, save_figure
 
     names = list(report)
     fig, axes = new_figure(ncols=len(names), width_in=4.2, height_in=3.2)

@@ -48,10 +48,10 @@ def worker(rule: str, arch: str, batches: int) -> dict:
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     base_rss = _maxrss_mib()
-    from hil.bptt import BPTTLearner
-    from hil.config import resolve
-    from hil.model import Network
-    from hil.rules import Learner
+    from eqprop_hil.engine.bptt import BPTTLearner
+    from eqprop_hil.config import resolve
+    from eqprop_hil.engine.model import Network
+    from eqprop_hil.engine.rules import Learner
 
     overrides: dict = {"rule": {"name": rule}, "model": {"sizes": SIZES[arch]}, "train": {"batch_size": 20}}
     if rule == "fre" and arch == "1h":  # REFERENCE.md section 6: 10 free / 5 nudged steps per hidden layer
@@ -102,9 +102,9 @@ def settle_steps(net, x, *, tol: float = 1e-4, max_steps: int = 1000):
 def settling(quick: bool) -> list[dict]:
     import torch
 
-    from hil.data import load_dataset
-    from hil.model import Network, NetworkConfig
-    from hil.rules import Learner, RuleConfig
+    from eqprop_hil.data import load_dataset
+    from eqprop_hil.engine.model import Network, NetworkConfig
+    from eqprop_hil.engine.rules import Learner, RuleConfig
 
     data = load_dataset("digits", seed=0)
     n_train = 400 if quick else len(data.y_train)
@@ -133,7 +133,7 @@ def settling(quick: bool) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    from hil.plots import new_figure, save_figure
+    from eqprop_hil.runs.plots import new_figure, save_figure
 
     fig, ax = new_figure()
     g = [r["gamma"] for r in rows]

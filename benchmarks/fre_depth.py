@@ -51,7 +51,7 @@ def _stats(steps: Any) -> dict[str, float]:
 
 def settling_probe(cfg: Any, learner: Any, data: Any) -> dict[str, Any]:
     """Settling on the whole test set: the trained network, and a fresh one of the same seed (= its init)."""
-    from hil.model import Network
+    from eqprop_hil.engine.model import Network
 
     if cfg.rule.name == "bp":
         return {}
@@ -89,7 +89,7 @@ def settling_summary(results: list[dict]) -> dict[str, Any]:
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
-    from hil.plots import new_figure, save_figure
+    from eqprop_hil.runs.plots import new_figure, save_figure
 
     fig, (ax1, ax2) = new_figure(ncols=2, width_in=3.8, height_in=3.0)
     st = report["settling"]

@@ -5,8 +5,8 @@
 For each instrument (the analog board over TCP with pyvisa-py, the FPGA array over a pty with pyserial) and each
 update mode (matrix, outer, local), one epoch of the digits-hw preset (64-256-10, C-EP, t1=30, t2=10, batch 20
 processed sample by sample) on a stratified subset of ``--samples`` training digits runs through the real code
-path: ``hil.insitu.open_insitu`` (which starts the emulator from the preset's ``sim://`` URL and opens the real
-driver) and ``hil.train.train`` (the real loop, with its journal and run records). The software engine trains the
+path: ``eqprop_hil.insitu.learner.open_insitu`` (which starts the emulator from the preset's ``sim://`` URL and opens the real
+driver) and ``eqprop_hil.train.train`` (the real loop, with its journal and run records). The software engine trains the
 same network on the same data beside them (``instrument.resource = "software"``), at the preset's batch of 20
 (vectorised) and at batch 1 (the hardware's physical batch).
 
@@ -93,7 +93,7 @@ class TimedLearner:
 
 
 def config(resource: str, mode: str, samples: int, batch_size: int | None = None) -> Any:
-    from hil.config import resolve
+    from eqprop_hil.config import resolve
 
     overrides: dict = {"train": {"data_limit": samples, "epochs": 1},
                        "instrument": {"resource": resource, "update_mode": mode}}
@@ -104,9 +104,9 @@ def config(resource: str, mode: str, samples: int, batch_size: int | None = None
 
 def measure_instrument(url: str, mode: str, samples: int, workdir: Path) -> dict:
     """One epoch of in-situ training on ``samples`` digits; returns the per-sample figures."""
-    from hil.insitu import open_insitu
-    from hil.runs import RunDir
-    from hil.train import prepare_data, train
+    from eqprop_hil.insitu.learner import open_insitu
+    from eqprop_hil.runs.rundir import RunDir
+    from eqprop_hil.train import prepare_data, train
 
     cfg = config(url, mode, samples)
     data = prepare_data(cfg)
@@ -142,10 +142,10 @@ def measure_instrument(url: str, mode: str, samples: int, workdir: Path) -> dict
 
 
 def measure_software(samples: int, batch_size: int | None, workdir: Path) -> dict:
-    """The software engine (hil.learners.build_learner) on the same network and data, through the same loop."""
-    from hil.learners import build_learner
-    from hil.runs import RunDir
-    from hil.train import prepare_data, train
+    """The software engine (eqprop_hil.engine.learners.build_learner) on the same network and data, through the same loop."""
+    from eqprop_hil.engine.learners import build_learner
+    from eqprop_hil.runs.rundir import RunDir
+    from eqprop_hil.train import prepare_data, train
 
     cfg = config("software", "matrix", samples, batch_size)
     data = prepare_data(cfg)
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"In-situ C-EP training speed, {PRESET} (64-256-10, t1=30, t2=10), {args.samples} training digits, "
         f"median of {args.repeats} run(s)", columns, rows,
         notes=[
-            "samples/s: training samples per second of the real loop (hil.train.train), evaluation excluded",
+            "samples/s: training samples per second of the real loop (eqprop_hil.train.train), evaluation excluded",
             "link ms: per sample, wall time blocked in driver calls (transport + emulator physics), milliseconds",
             "ctrl ms: per sample, train_batch time minus link ms: the controller's own work, milliseconds;",
             "  ctrl us/step: the same per nudged step (divided by t2 = 10), microseconds",

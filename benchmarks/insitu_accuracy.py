@@ -23,7 +23,7 @@ OUT = Path(__file__).parent / "out"
 def run(label: str, args: list[str], workdir: Path) -> dict:
     run_dir = workdir / label
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "hil.cli", "train", "--preset", "digits-hw", "--no-progress", "--run-dir", str(run_dir), *args]
+    cmd = [sys.executable, "-m", "eqprop_hil", "train", "--preset", "digits-hw", "--no-progress", "--run-dir", str(run_dir), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed:\n{proc.stderr[-2000:]}")

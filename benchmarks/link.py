@@ -2,13 +2,13 @@
 
     python benchmarks/link.py [--repetitions 200] [--max-seconds 6] [--quick] [--out FILE]
 
-Everything goes through the real transports and drivers against the emulators (``drivers.open_array`` on
+Everything goes through the real transports and drivers against the emulators (``eqprop_hil.drivers.open_array`` on
 ``sim://`` URLs): the analog board over TCP with pyvisa-py, the FPGA array over a pty and over ``socket://``.
 
 (a) Round-trip latency per command on a 64-256-10 array: median and 90th percentile over ``--repetitions`` calls
     (milliseconds, wall clock, after 3 warm-up calls), with the bytes and round trips one call costs.
 (b) Bytes on the wire for ONE C-EP nudged step of a 784-512-10 network (the C-EP paper's 1-hidden-layer MNIST
-    net, t1=40, t2=15) in each update mode, for both instruments, as hil/insitu.py issues them:
+    net, t1=40, t2=15) in each update mode, for both instruments, as hil/insitu/learner.py issues them:
     matrix = nudge current, settle(1), read all states, one int8 pulse matrix per edge (every row carrying pulses:
     the FPGA skips all-zero rows, so this is its upper bound; the analog board always sends the whole matrix);
     outer = nudge current, settle(1), read all states, two rank-1 pulse-train commands per edge (bit length 31);
@@ -70,7 +70,7 @@ def counted(array: Any, fn: Callable[[], Any]) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------------------------- (a) latency
 def latency(repetitions: int) -> list[dict]:
-    from drivers import open_array
+    from eqprop_hil.drivers import open_array
 
     rng = np.random.default_rng(0)
     x = rng.uniform(0.0, 1.0, 64)
@@ -112,7 +112,7 @@ def latency(repetitions: int) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- (b) bytes per step
 def step_bytes() -> list[dict]:
-    from drivers import open_array
+    from eqprop_hil.drivers import open_array
 
     rng = np.random.default_rng(1)
     x = rng.uniform(0.0, 1.0, BIG_SIZES[0])
@@ -124,7 +124,7 @@ def step_bytes() -> list[dict]:
             shapes = [(topo["sizes"][j], topo["sizes"][i]) for i, j in topo["edges"]]
             counts = [rng.choice(np.array([-1, 1], np.int8), size=s) for s in shapes]
             transimpedance = float(a.describe().get("transimpedance_ohms", 1e4))
-            nudge = 0.2 * (y - 0.5) / transimpedance  # amperes, as hil/insitu.py computes it
+            nudge = 0.2 * (y - 0.5) / transimpedance  # amperes, as hil/insitu/learner.py computes it
 
             def free() -> None:
                 a.reset()
@@ -181,10 +181,10 @@ def step_bytes() -> list[dict]:
 def stream(url: str, mode: str, n: int, sizes: list[int] | None = None, workdir: Path | None = None) -> dict:
     """Train ``n`` samples with the real in-situ learner (digits-hw preset, or random data on ``sizes``) and
     return samples/s and bytes per sample (sent + received) of the training alone (set-up excluded)."""
-    from hil.config import resolve
-    from hil.insitu import open_insitu
-    from hil.runs import RunDir
-    from hil.train import prepare_data
+    from eqprop_hil.config import resolve
+    from eqprop_hil.insitu.learner import open_insitu
+    from eqprop_hil.runs.rundir import RunDir
+    from eqprop_hil.train import prepare_data
 
     overrides: dict = {"train": {"epochs": 1}, "instrument": {"resource": url, "update_mode": mode}}
     if sizes is None:

@@ -1,6 +1,6 @@
-"""Host side of each link: one :class:`~drivers.interface.NeuronArray` interface, a driver per link kind, and
+"""Host side of each link: one :class:`~eqprop_hil.drivers.interface.NeuronArray` interface, a driver per link kind, and
 :func:`open_array`, which picks the driver from the resource string."""
 
-from drivers.open import open_array
+from eqprop_hil.drivers.open import open_array
 
 __all__ = ["open_array"]

@@ -16,19 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from drivers.errors import LimitError, ReplyError
-from drivers.interface import Identity, Phase, PulseResult, Topology
-from drivers.lifecycle import CloseCallbacks
-from drivers.limits import Limits
-from drivers.scpi_property import (
+from eqprop_hil.drivers.errors import LimitError, ReplyError
+from eqprop_hil.drivers.interface import Identity, Phase, PulseResult, Topology
+from eqprop_hil.drivers.lifecycle import CloseCallbacks
+from eqprop_hil.drivers.limits import Limits
+from eqprop_hil.drivers.scpi_property import (
     ScpiProperty, parse_bool, parse_float, parse_int, parse_word, strict_bool, strict_discrete_set, strict_range,
 )
-from drivers.visa_link import VisaLink
-from protocols.auth import token_or_env
-from protocols.errors import ValueRangeError
-from protocols.scpi import format_number
-from protocols.scpi_commands import MAX_BETA, MAX_ETA, MAX_PHASE_STEPS, MAX_SETTLE_STEPS
-from protocols.scpi_integrity import supports_integrity
+from eqprop_hil.drivers.visa_link import VisaLink
+from eqprop_hil.protocols.auth import token_or_env
+from eqprop_hil.protocols.errors import ValueRangeError
+from eqprop_hil.protocols.scpi import format_number
+from eqprop_hil.protocols.scpi_commands import MAX_BETA, MAX_ETA, MAX_PHASE_STEPS, MAX_SETTLE_STEPS
+from eqprop_hil.protocols.scpi_integrity import supports_integrity
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
-"""Errors raised by the host side of a link. All derive from :class:`protocols.errors.EqpropError`."""
+"""Errors raised by the host side of a link. All derive from :class:`eqprop_hil.protocols.errors.EqpropError`."""
 
 from __future__ import annotations
 
-from protocols.errors import EqpropError, ValueRangeError
+from eqprop_hil.protocols.errors import EqpropError, ValueRangeError
 
 
 class DriverError(EqpropError):

@@ -1,8 +1,8 @@
 """Driver of an FPGA neuron array over a serial port (``protocols/fpga_serial.md``), on pyserial.
 
-Implements :class:`drivers.interface.NeuronArray` and :class:`SampleRunner`. ``port`` is a device path
+Implements :class:`eqprop_hil.drivers.interface.NeuronArray` and :class:`SampleRunner`. ``port`` is a device path
 (``/dev/ttyUSB0``, a pty slave) or any pyserial URL (``socket://host:port``, ``spy://...``). The link layer
-(:mod:`drivers.fpga_link`) frames, numbers and retransmits; this module turns each operation into payloads,
+(:mod:`eqprop_hil.drivers.fpga_link`) frames, numbers and retransmits; this module turns each operation into payloads,
 checks every value against :class:`Limits` before anything is sent, and splits matrices that exceed one
 payload into row chunks.
 
@@ -17,15 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from drivers.errors import DeviceRestarted, DriverError, LimitError
-from drivers.fpga_link import FpgaLink
-from drivers.interface import Identity, Phase, PulseResult, Topology
-from drivers.lifecycle import CloseCallbacks
-from drivers.limits import Limits
-from protocols import fpga_messages as m
-from protocols.auth import token_or_env
-from protocols.errors import ValueRangeError
-from protocols.fpga_messages import Opcode
+from eqprop_hil.drivers.errors import DeviceRestarted, DriverError, LimitError
+from eqprop_hil.drivers.fpga_link import FpgaLink
+from eqprop_hil.drivers.interface import Identity, Phase, PulseResult, Topology
+from eqprop_hil.drivers.lifecycle import CloseCallbacks
+from eqprop_hil.drivers.limits import Limits
+from eqprop_hil.protocols import fpga_messages as m
+from eqprop_hil.protocols.auth import token_or_env
+from eqprop_hil.protocols.errors import ValueRangeError
+from eqprop_hil.protocols.fpga_messages import Opcode
 
 log = logging.getLogger(__name__)
 

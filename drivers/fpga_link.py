@@ -19,13 +19,13 @@ from typing import Any
 
 import serial
 
-from drivers.errors import AccessDenied, DeviceRestarted, InstrumentError, LinkError, ReplyError
-from drivers.timeouts import serial_s
-from protocols import fpga_messages as m
-from protocols.auth import TOKEN_ENV
-from protocols.errors import ProtocolError, ValueRangeError
-from protocols.fpga_messages import Opcode, Status
-from protocols.framing import DELIMITER, FrameDecodeError, FrameReader, encode_frame
+from eqprop_hil.drivers.errors import AccessDenied, DeviceRestarted, InstrumentError, LinkError, ReplyError
+from eqprop_hil.drivers.timeouts import serial_s
+from eqprop_hil.protocols import fpga_messages as m
+from eqprop_hil.protocols.auth import TOKEN_ENV
+from eqprop_hil.protocols.errors import ProtocolError, ValueRangeError
+from eqprop_hil.protocols.fpga_messages import Opcode, Status
+from eqprop_hil.protocols.framing import DELIMITER, FrameDecodeError, FrameReader, encode_frame
 
 log = logging.getLogger(__name__)
 

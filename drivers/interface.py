@@ -1,6 +1,6 @@
 """The interface a neuron array must offer to be trained by `hil`.
 
-No implementation lives here (as in Bluesky's ``protocols.py``): each capability is a small runtime-checkable
+No implementation lives here (as in Bluesky's ``eqprop_hil.protocols.py``): each capability is a small runtime-checkable
 Protocol, combined by inheritance into :class:`NeuronArray`. Both drivers (`AnalogBoard` over VISA, `FpgaArray`
 over serial) implement all of it; the trainer and the calibration code talk to hardware only through it.
 

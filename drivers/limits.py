@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from drivers.errors import LimitError
+from eqprop_hil.drivers.errors import LimitError
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import re
 from importlib.metadata import entry_points
 from typing import Any
 
-from drivers.errors import DriverError
-from drivers.interface import NeuronArray
+from eqprop_hil.drivers.errors import DriverError
+from eqprop_hil.drivers.interface import NeuronArray
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def open_array(resource: str, **driver_kwargs: Any) -> NeuronArray:
         handle.stop()
         raise DriverError(
             f"{type(array).__name__} has no add_close_callback, so closing it could not stop what {scheme}:// "
-            f"started; the driver should inherit drivers.lifecycle.CloseCallbacks"
+            f"started; the driver should inherit eqprop_hil.drivers.lifecycle.CloseCallbacks"
         )
     add(handle.stop)
     return array
@@ -98,10 +98,10 @@ def open_array(resource: str, **driver_kwargs: Any) -> NeuronArray:
 
 def _open_driver(kind: str, resource: str, kwargs: dict[str, Any]) -> NeuronArray:
     if kind == "analog":
-        from drivers.analog_board import AnalogBoard
+        from eqprop_hil.drivers.analog_board import AnalogBoard
 
         return AnalogBoard(resource, **kwargs)
-    from drivers.fpga_array import FpgaArray
+    from eqprop_hil.drivers.fpga_array import FpgaArray
 
     return FpgaArray(resource, **kwargs)
 

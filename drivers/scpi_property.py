@@ -2,7 +2,7 @@
 
 A :class:`ScpiProperty` on a driver class turns attribute access into a query (``board.compliance_amperes``) and
 assignment into a validated set (``board.compliance_amperes = 5e-5``). The validator runs before anything is
-sent, so a bad value raises :class:`~drivers.errors.LimitError` and the wire stays silent. Docstrings start with
+sent, so a bad value raises :class:`~eqprop_hil.drivers.errors.LimitError` and the wire stays silent. Docstrings start with
 Control / Measure / Set / Get and end with the unit in parentheses; a test walks every property to hold that.
 The owner supplies ``_query(command) -> str`` and ``_set(command)`` (which drains the error queue).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from drivers.errors import LimitError, ReplyError
+from eqprop_hil.drivers.errors import LimitError, ReplyError
 
 Validator = Callable[[Any], Any]
 

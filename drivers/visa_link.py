@@ -19,13 +19,13 @@ import numpy as np
 import pyvisa
 from pyvisa import errors as visa_errors
 
-from drivers.errors import AccessDenied, InstrumentError, LinkError, ReplyError
-from drivers.timeouts import visa_ms
-from protocols import ieee_block
-from protocols.auth import AUTH_REFUSED_LINE, TOKEN_ENV, auth_query
-from protocols.errors import BlockError, ScpiError
-from protocols.scpi import parse_error_entry
-from protocols.scpi_integrity import INTEGRITY_ERROR, IntegrityError, decode_reply, encode_request
+from eqprop_hil.drivers.errors import AccessDenied, InstrumentError, LinkError, ReplyError
+from eqprop_hil.drivers.timeouts import visa_ms
+from eqprop_hil.protocols import ieee_block
+from eqprop_hil.protocols.auth import AUTH_REFUSED_LINE, TOKEN_ENV, auth_query
+from eqprop_hil.protocols.errors import BlockError, ScpiError
+from eqprop_hil.protocols.scpi import parse_error_entry
+from eqprop_hil.protocols.scpi_integrity import INTEGRITY_ERROR, IntegrityError, decode_reply, encode_request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -195,7 +195,7 @@ class VisaLink:
 
     def _resend(self, error: InstrumentError, idempotent: bool, attempt: int, what: str) -> bool:
         """True if ``error`` is a CRC refusal (nothing was executed) of an idempotent transaction with retries
-        left; non-idempotent ones are left to the caller (hil/recovery.py asks PULS:COUN?)."""
+        left; non-idempotent ones are left to the caller (hil/insitu/recovery.py asks PULS:COUN?)."""
         if error.code != INTEGRITY_ERROR:
             return False
         self.stats["integrity_refused"] += 1

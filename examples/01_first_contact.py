@@ -11,7 +11,7 @@ off, inputs at 0) and stops the emulator when it ends. Replace URL by your board
 
 import numpy as np
 
-from drivers import open_array
+from eqprop_hil.drivers import open_array
 
 URL = "sim://analog?sizes=16,32,4&device=soft_bounds&adc_bits=12&read_noise=0.001&seed=1"
 

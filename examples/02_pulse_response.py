@@ -1,6 +1,6 @@
 """Measure how the synapses of an FPGA array respond to pulses, and fit the soft-bounds device model.
 
-What a lab user learns: the calibration steps of ``hil.calibrate`` are plain functions on any NeuronArray.
+What a lab user learns: the calibration steps of ``eqprop_hil.insitu.calibrate`` are plain functions on any NeuronArray.
 Here a 4x4 block of devices of edge 0 is driven down, up and down again with bursts of pulses (sim://fpga over
 a pty, i.e. the real serial driver), then ``fit_soft_bounds`` estimates per device the step of one pulse up and
 down and the two bounds. The fit is compared with the parameters the instrument declares, and a PNG of the
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from drivers import open_array
-from hil.calibrate import block_mask, fit_soft_bounds, measure_pulse_response
-from hil.plots import new_figure, save_figure
+from eqprop_hil.drivers import open_array
+from eqprop_hil.insitu.calibrate import block_mask, fit_soft_bounds, measure_pulse_response
+from eqprop_hil.runs.plots import new_figure, save_figure
 
 out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/examples")
 URL = "sim://fpga?transport=pty&sizes=16,32,4&device=soft_bounds&dw_min=0.002&seed=3"

@@ -13,9 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hil.config import resolve
-from hil.runs import RunDir
-from hil.session import run_training
+from eqprop_hil.config import resolve
+from eqprop_hil.runs.rundir import RunDir
+from eqprop_hil.session import run_training
 
 out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/examples")
 out_dir.mkdir(parents=True, exist_ok=True)

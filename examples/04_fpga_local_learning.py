@@ -11,8 +11,8 @@ prints the accuracy before and after, plus the bytes and round trips each sample
 
 import numpy as np
 
-from drivers import open_array
-from drivers.interface import SampleRunner
+from eqprop_hil.drivers import open_array
+from eqprop_hil.drivers.interface import SampleRunner
 
 URL = "sim://fpga?transport=pty&sizes=16,32,4&device=soft_bounds&seed=2"
 T1, T2, BETA = 30, 10, 0.5  # free steps, nudged steps, nudge strength

@@ -9,7 +9,7 @@ is running from the snapshot socket.
     python examples/05_watch_telemetry.py
 """
 
-from hil.telemetry import TelemetryPublisher, TelemetrySubscriber, fetch_snapshot
+from eqprop_hil.telemetry import TelemetryPublisher, TelemetrySubscriber, fetch_snapshot
 
 
 def show(name: str, doc: dict) -> None:

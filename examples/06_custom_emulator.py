@@ -11,9 +11,9 @@ from the host's limits (nothing is sent) or from the instrument (it refuses), an
 
 import numpy as np
 
-from drivers import open_array
-from drivers.errors import InstrumentError, LimitError
-from mock_instruments.launch import start_emulator
+from eqprop_hil.drivers import open_array
+from eqprop_hil.drivers.errors import InstrumentError, LimitError
+from eqprop_hil.mock_instruments.launch import start_emulator
 
 URL = ("sim://fpga?transport=pty&sizes=8,6,3&device=power&gamma_up=3&gamma_down=0.5&dw_min=0.01"
        "&stuck_fraction=0.2&fault_corrupt=0.1&fault_busy=0.1&seed=4")

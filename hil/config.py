@@ -17,9 +17,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from hil.model import NetworkConfig
-from hil.rules import RuleConfig
-from protocols.errors import EqpropError, ValueRangeError
+from eqprop_hil.engine.model import NetworkConfig
+from eqprop_hil.engine.rules import RuleConfig
+from eqprop_hil.protocols.errors import EqpropError, ValueRangeError
 
 
 DEFAULT_PRESET = "digits-hw"  # what a bare `hil train` runs
@@ -86,7 +86,7 @@ class InstrumentConfig:
     # 4 -> 88.3 %, 16 -> 90.3 %; local: 88.1 % / 90.3 %), so the default is wide; `hil calibrate` measures it.
     weight_range: float = 16.0
     program_tolerance: float = 1e-3  # write-verify tolerance when weights are programmed, effective units
-    use_recommended_gain: bool = False  # take the FRE feedback gain from the calibration (see hil/insitu.py)
+    use_recommended_gain: bool = False  # take the FRE feedback gain from the calibration (see hil/insitu/learner.py)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
@@ -127,11 +127,11 @@ class RunConfig:
 
 # ---------------------------------------------------------------------------------------------- loading
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("hil.presets").iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name[:-5] for p in resources.files("eqprop_hil.presets").iterdir() if p.name.endswith(".toml"))
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    path = resources.files("hil.presets") / f"{name}.toml"
+    path = resources.files("eqprop_hil.presets") / f"{name}.toml"
     if not path.is_file():
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
     return _parse(path.read_text(encoding="utf-8"), f"preset {name}")

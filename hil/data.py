@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protocols.errors import EqpropError
+from eqprop_hil.protocols.errors import EqpropError
 
 KNOWN_NAMES = ("digits", "mnist5k", "fashion-mnist", "idx:DIR")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

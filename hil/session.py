@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from hil.config import RunConfig
-from hil.runs import DataCursor, RunDir
-from hil.train import EpochTally, Summary, prepare_data, train
+from eqprop_hil.config import RunConfig
+from eqprop_hil.runs.rundir import DataCursor, RunDir
+from eqprop_hil.train import EpochTally, Summary, prepare_data, train
 
 
 class RunTelemetry:
-    """Feeds the training loop's progress to a :class:`hil.telemetry.TelemetryPublisher`."""
+    """Feeds the training loop's progress to a :class:`eqprop_hil.telemetry.TelemetryPublisher`."""
 
     def __init__(self, publisher: Any, every_samples: int, stats: Any = None) -> None:
         self.pub, self.every, self.stats = publisher, max(1, every_samples), stats
@@ -44,11 +44,11 @@ class RunTelemetry:
 def run_training(cfg: RunConfig, run: RunDir, *, resume: bool = False, progress: bool = True) -> Summary:
     data = prepare_data(cfg)
     if cfg.instrument.resource == "software":
-        from hil.learners import build_learner
+        from eqprop_hil.engine.learners import build_learner
 
         learner, stats, snapshot, closer = build_learner(cfg), None, {"instrument": "software"}, None
     else:
-        from hil.insitu import open_insitu
+        from eqprop_hil.insitu.learner import open_insitu
 
         learner = open_insitu(cfg, run, resume=resume)
         stats, snapshot, closer = learner.stats, learner.snapshot(), learner.close
@@ -57,7 +57,7 @@ def run_training(cfg: RunConfig, run: RunDir, *, resume: bool = False, progress:
     status, reason = "fail", ""
     try:
         if cfg.telemetry.address:
-            from hil.telemetry import TelemetryPublisher
+            from eqprop_hil.telemetry import TelemetryPublisher
 
             publisher = TelemetryPublisher(cfg.telemetry.address)
             print(f"telemetry: hil monitor {publisher.address} --snapshot {publisher.snapshot_address}", flush=True)

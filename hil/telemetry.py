@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from drivers.timeouts import zmq_ms
-from protocols.errors import EqpropError, ValueRangeError
+from eqprop_hil.drivers.timeouts import zmq_ms
+from eqprop_hil.protocols.errors import EqpropError, ValueRangeError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The training loop: data feed, one readable loop over epochs and batches, evaluation, run records.
 
-The loop does not care where the network lives: a *learner* (hil/rules.py on the software engine, hil/bptt.py,
-hil/baselines.py, or hil/insitu.py on an instrument) offers ``train_batch``, ``evaluate``, ``state_dict`` and
+The loop does not care where the network lives: a *learner* (hil/engine/rules.py on the software engine, hil/engine/bptt.py,
+hil/engine/baselines.py, or hil/insitu/learner.py on an instrument) offers ``train_batch``, ``evaluate``, ``state_dict`` and
 ``load_state_dict``; the loop handles progress, metrics, checkpoints, resume, interrupts and telemetry.
 """
 
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hil.config import ConfigError, RunConfig
-from hil.data import Dataset, load_dataset
-from hil.interrupt import GracefulInterrupt
-from hil.rules import BatchResult
-from hil.runs import DataCursor, RunDir, capture_rng_state, restore_rng_state
+from eqprop_hil.config import ConfigError, RunConfig
+from eqprop_hil.data import Dataset, load_dataset
+from eqprop_hil.interrupt import GracefulInterrupt
+from eqprop_hil.engine.rules import BatchResult
+from eqprop_hil.runs.rundir import DataCursor, RunDir, capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def train(
 
 
 def _plots(run: RunDir, cfg: RunConfig) -> None:
-    from hil.plots import plot_learning_curves
+    from eqprop_hil.runs.plots import plot_learning_curves
 
     metrics = run.read_metrics()
     if metrics:

@@ -2,6 +2,6 @@
 
 import sys
 
-from mock_instruments.cli import main
+from eqprop_hil.mock_instruments.cli import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """The firmware of the emulated analog board: executes parsed SCPI commands on an ArrayPhysics.
 
-Transport-free (the TCP side is :mod:`mock_instruments.analog_server`), so the rule "an invalid command or an
+Transport-free (the TCP side is :mod:`eqprop_hil.mock_instruments.analog_server`), so the rule "an invalid command or an
 out-of-range value pushes an error and changes nothing" is one place: every handler checks all of its
 arguments against the board (edge and layer indices, vector lengths, DAC range, compliance) before it calls the
 physics, and the physics itself validates before it changes state. Registers the physics has no reader for
@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from protocols import ieee_block
-from protocols.errors import EqpropError, ValueRangeError
-from protocols.scpi import Command, ScpiCommandError, format_error_entry, format_number, format_numbers, parse_command
-from protocols.scpi_commands import MAX_SETTLE_STEPS
-from protocols.scpi_integrity import INTEGRITY_ERROR, IntegrityError, decode_request, encode_reply
+from eqprop_hil.protocols import ieee_block
+from eqprop_hil.protocols.errors import EqpropError, ValueRangeError
+from eqprop_hil.protocols.scpi import Command, ScpiCommandError, format_error_entry, format_number, format_numbers, parse_command
+from eqprop_hil.protocols.scpi_commands import MAX_SETTLE_STEPS
+from eqprop_hil.protocols.scpi_integrity import INTEGRITY_ERROR, IntegrityError, decode_request, encode_reply
 
 if TYPE_CHECKING:
-    from mock_instruments.physics import ArrayPhysics
+    from eqprop_hil.mock_instruments.physics import ArrayPhysics
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 One client at a time (as a raw-socket instrument serves one controller); a new connection replaces the old one,
 so a driver that reconnects after a timeout is served at once even if its old socket is half dead. Messages end
-with LF; definite-length blocks are cut by their length header (see :class:`protocols.scpi.MessageScanner`).
-Commands run on :class:`~mock_instruments.analog_firmware.AnalogFirmware`; an optional FaultInjector corrupts,
+with LF; definite-length blocks are cut by their length header (see :class:`eqprop_hil.protocols.scpi.MessageScanner`).
+Commands run on :class:`~eqprop_hil.mock_instruments.analog_firmware.AnalogFirmware`; an optional FaultInjector corrupts,
 drops, delays or truncates replies, closes the link, answers busy or power-cycles the device.
 
 With ``token`` set (``protocols/analog_board.md`` section 1.1), a new connection is served only once its first
@@ -25,14 +25,14 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
-from mock_instruments.analog_firmware import AnalogFirmware
-from protocols.auth import AUTH_REFUSED_LINE, check_token, is_auth_header, parse_auth_message, tokens_match
-from protocols.errors import ValueRangeError
-from protocols.scpi import MessageScanner, ScpiCommandError
+from eqprop_hil.mock_instruments.analog_firmware import AnalogFirmware
+from eqprop_hil.protocols.auth import AUTH_REFUSED_LINE, check_token, is_auth_header, parse_auth_message, tokens_match
+from eqprop_hil.protocols.errors import ValueRangeError
+from eqprop_hil.protocols.scpi import MessageScanner, ScpiCommandError
 
 if TYPE_CHECKING:
-    from mock_instruments.faults import FaultConfig
-    from mock_instruments.physics import ArrayPhysics
+    from eqprop_hil.mock_instruments.faults import FaultConfig
+    from eqprop_hil.mock_instruments.physics import ArrayPhysics
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class AnalogServer:
         self.firmware = AnalogFirmware(physics, serial=serial, step_period_s=step_period_s)
         self._injector: Any = None
         if faults is not None and faults.enabled:
-            from mock_instruments.faults import FaultInjector
+            from eqprop_hil.mock_instruments.faults import FaultInjector
 
             self._injector = FaultInjector(faults)
         self._listener: socket.socket | None = None

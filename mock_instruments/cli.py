@@ -3,7 +3,7 @@
 The command prints the resource string to connect to on its own line, flushed at once (scripts and tests read
 that line), then serves until SIGINT or SIGTERM and exits 0. Every option is turned into the same key=value
 settings a ``sim://`` URL carries, so the command line, ``--config FILE.toml`` and ``sim://`` URLs are checked
-by one parser (:func:`mock_instruments.launch.parse_params`) and fail with the same messages.
+by one parser (:func:`eqprop_hil.mock_instruments.launch.parse_params`) and fail with the same messages.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from mock_instruments.faults import KINDS as FAULT_KINDS
-from mock_instruments.launch import is_loopback, parse_params, start_parsed
-from protocols.auth import check_token
-from protocols.errors import EqpropError, ValueRangeError
+from eqprop_hil.mock_instruments.faults import KINDS as FAULT_KINDS
+from eqprop_hil.mock_instruments.launch import is_loopback, parse_params, start_parsed
+from eqprop_hil.protocols.auth import check_token
+from eqprop_hil.protocols.errors import EqpropError, ValueRangeError
 
 # Options that map one to one onto sim:// query keys (option dest -> key).
 _PLAIN_KEYS = ("sizes", "skips", "feedback", "activation", "device", "seed", "serial")

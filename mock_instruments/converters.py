@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from protocols.errors import ValueRangeError
+from eqprop_hil.protocols.errors import ValueRangeError
 
 MAX_BITS = 24  # no real converter resolves more; keeps the level count exact in float64
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from protocols.errors import ValueRangeError
+from eqprop_hil.protocols.errors import ValueRangeError
 
 MODELS = ("ideal", "constant", "soft_bounds", "power")
 MAX_PULSES = 255  # per device per internal call (int8 commands are capped at 127; outer updates at bit_length 255)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from protocols.errors import ValueRangeError
+from eqprop_hil.protocols.errors import ValueRangeError
 
 # Prefix of the fault keys in a sim:// query string (sim://analog?fault_drop=0.05&fault_delay_s=0.2).
 QUERY_PREFIX = "fault_"

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from protocols import fpga_messages as m
-from protocols.errors import ProtocolError, ValueRangeError
-from protocols.fixed_point import STATE, quantize
-from protocols.framing import MAX_PAYLOAD, PROTOCOL_VERSION, Frame, FrameDecodeError, encode_frame
-from protocols.fpga_messages import Opcode, Status
+from eqprop_hil.protocols import fpga_messages as m
+from eqprop_hil.protocols.errors import ProtocolError, ValueRangeError
+from eqprop_hil.protocols.fixed_point import STATE, quantize
+from eqprop_hil.protocols.framing import MAX_PAYLOAD, PROTOCOL_VERSION, Frame, FrameDecodeError, encode_frame
+from eqprop_hil.protocols.fpga_messages import Opcode, Status
 
 log = logging.getLogger(__name__)
 

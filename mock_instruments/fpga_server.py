@@ -28,12 +28,12 @@ import time
 import tty
 from typing import Any, Callable
 
-from mock_instruments.faults import FaultConfig, FaultInjector
-from mock_instruments.fpga_device import FpgaDevice
-from protocols import fpga_messages as m
-from protocols.auth import check_token, tokens_match
-from protocols.errors import ProtocolError, ValueRangeError
-from protocols.framing import DELIMITER, FrameDecodeError, FrameReader, decode_frame, encode_frame
+from eqprop_hil.mock_instruments.faults import FaultConfig, FaultInjector
+from eqprop_hil.mock_instruments.fpga_device import FpgaDevice
+from eqprop_hil.protocols import fpga_messages as m
+from eqprop_hil.protocols.auth import check_token, tokens_match
+from eqprop_hil.protocols.errors import ProtocolError, ValueRangeError
+from eqprop_hil.protocols.framing import DELIMITER, FrameDecodeError, FrameReader, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
 

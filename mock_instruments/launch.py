@@ -6,11 +6,11 @@ device on a pty (or ``transport=tcp``: a ``socket://`` URL). The caller then tal
 transport and the real driver, exactly as to hardware.
 
 :func:`open_sim` is registered under the entry-point group ``eqprop_hil.schemes`` (name ``sim``), which is how
-``drivers.open_array`` reaches the emulator without ``drivers`` ever importing ``mock_instruments`` (the way
+``eqprop_hil.drivers.open_array`` reaches the emulator without ``drivers`` ever importing ``mock_instruments`` (the way
 pyserial finds its URL handlers by name).
 
 The query keys are those of ``ArrayConfig.from_query`` (the physics), the ``fault_*`` keys of
-:class:`~mock_instruments.faults.FaultConfig`, and the server keys in :data:`SERVER_KEYS`. Every key is
+:class:`~eqprop_hil.mock_instruments.faults.FaultConfig`, and the server keys in :data:`SERVER_KEYS`. Every key is
 checked: a misspelt one raises :class:`ValueRangeError` naming it rather than being silently ignored.
 ``link_rate`` is in bytes per second; ``sizes`` defaults to :data:`DEFAULT_SIZES`; the faults take the
 physics' ``seed`` unless ``fault_seed`` is given.
@@ -26,8 +26,8 @@ from dataclasses import replace
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
-from mock_instruments.faults import QUERY_PREFIX, FaultConfig
-from protocols.errors import ValueRangeError
+from eqprop_hil.mock_instruments.faults import QUERY_PREFIX, FaultConfig
+from eqprop_hil.protocols.errors import ValueRangeError
 
 Kind = Literal["analog", "fpga"]
 KINDS: tuple[str, ...] = ("analog", "fpga")
@@ -81,7 +81,7 @@ def parse_sim_url(url: str) -> tuple[Kind, Any, FaultConfig, dict[str, Any]]:
 
 def parse_params(kind: Kind, params: Mapping[str, str]) -> tuple[Kind, Any, FaultConfig, dict[str, Any]]:
     """The URL-free core of :func:`parse_sim_url`, shared with the ``hil mock`` command line."""
-    from mock_instruments.physics import ArrayConfig
+    from eqprop_hil.mock_instruments.physics import ArrayConfig
 
     if kind not in KINDS:
         raise ValueRangeError(f"unknown emulator kind {kind!r}; use one of {', '.join(KINDS)}")
@@ -132,7 +132,7 @@ def _server_options(kind: str, params: Mapping[str, str]) -> dict[str, Any]:
 class Emulator:
     """A running emulated instrument: its server, its physics and the resource string to connect to.
 
-    A context manager; :meth:`stop` is idempotent and is what ``drivers.open_array`` calls when the array
+    A context manager; :meth:`stop` is idempotent and is what ``eqprop_hil.drivers.open_array`` calls when the array
     it opened on this emulator is closed.
     """
 
@@ -179,7 +179,7 @@ def start_parsed(
     token: str | None = None,
 ) -> Emulator:
     """Build the physics and the server from parsed settings and start serving (``token``: see start_emulator)."""
-    from mock_instruments.physics import ArrayPhysics
+    from eqprop_hil.mock_instruments.physics import ArrayPhysics
 
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueRangeError(f"port {port!r} outside 0..65535 (0 picks a free port)")
@@ -188,11 +188,11 @@ def start_parsed(
     physics = ArrayPhysics(config)
     fault_arg = faults if faults.enabled else None
     if kind == "analog":
-        from mock_instruments.analog_server import AnalogServer
+        from eqprop_hil.mock_instruments.analog_server import AnalogServer
 
         server = AnalogServer(physics, host=host, port=port, faults=fault_arg, token=token, **options)
     else:
-        from mock_instruments.fpga_server import FpgaServer
+        from eqprop_hil.mock_instruments.fpga_server import FpgaServer
 
         server = FpgaServer(physics, host=host, port=port, faults=fault_arg, token=token, **options)
     try:

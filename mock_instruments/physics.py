@@ -5,7 +5,7 @@ so that comparing the two catches mistakes in either. Hardware runs one sample a
 ``(n_k,)``; everything inside is float64 and only reads (through the ADC) come out as float32.
 
 Every public method validates all of its arguments before it touches any state: a bad value raises
-:class:`protocols.errors.ValueRangeError` and leaves the array exactly as it was (``state_dict()`` unchanged).
+:class:`eqprop_hil.protocols.errors.ValueRangeError` and leaves the array exactly as it was (``state_dict()`` unchanged).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from mock_instruments.converters import Adc, Dac, check_bits, check_range
-from mock_instruments.devices import DeviceArray, DeviceConfig
-from protocols.errors import ValueRangeError
+from eqprop_hil.mock_instruments.converters import Adc, Dac, check_bits, check_range
+from eqprop_hil.mock_instruments.devices import DeviceArray, DeviceConfig
+from eqprop_hil.protocols.errors import ValueRangeError
 
 ACTIVATIONS = {
     "sigmoid4": lambda x: 0.5 * (1.0 + np.tanh(2.0 * (x - 0.5))),  # = 1 / (1 + exp(-4 (x - 0.5))), overflow-free

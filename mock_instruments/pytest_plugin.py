@@ -14,7 +14,7 @@ import pytest
 @pytest.fixture
 def analog_resource() -> Iterator[str]:
     """A running emulated analog board (ideal devices, small network); yields its VISA resource string."""
-    from mock_instruments.launch import start_emulator
+    from eqprop_hil.mock_instruments.launch import start_emulator
 
     with start_emulator("sim://analog?sizes=4,6,3&device=ideal&seed=0") as emulator:
         yield emulator.resource
@@ -23,7 +23,7 @@ def analog_resource() -> Iterator[str]:
 @pytest.fixture
 def fpga_resource() -> Iterator[str]:
     """A running emulated FPGA array on a pty (ideal devices, small network); yields the serial device path."""
-    from mock_instruments.launch import start_emulator
+    from eqprop_hil.mock_instruments.launch import start_emulator
 
     with start_emulator("sim://fpga?sizes=4,6,3&device=ideal&seed=0&transport=pty") as emulator:
         yield emulator.resource

@@ -19,7 +19,7 @@ import hmac
 import os
 import re
 
-from protocols.errors import ValueRangeError
+from eqprop_hil.protocols.errors import ValueRangeError
 
 TOKEN_ENV = "EQPROP_HIL_TOKEN"  # where drivers look for the token when none is passed as token=
 MAX_TOKEN_CHARS = 255  # the FPGA's str field carries at most 255 bytes

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocols.errors import ProtocolError, ValueRangeError
+from eqprop_hil.protocols.errors import ProtocolError, ValueRangeError
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from protocols import fixed_point as fx
-from protocols.errors import ProtocolError, ValueRangeError
-from protocols.framing import MAX_PAYLOAD
+from eqprop_hil.protocols import fixed_point as fx
+from eqprop_hil.protocols.errors import ProtocolError, ValueRangeError
+from eqprop_hil.protocols.framing import MAX_PAYLOAD
 
 RESPONSE_BIT = 0x80  # response opcode = request opcode | 0x80
 ALL_LAYERS = 0xFF  # READ_STATE layer that means "every layer"

@@ -22,7 +22,7 @@ from typing import Literal
 
 from cobs import cobs
 
-from protocols.errors import FrameError, ValueRangeError
+from eqprop_hil.protocols.errors import FrameError, ValueRangeError
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<BHBH")  # version, seq, opcode, payload length

@@ -9,7 +9,7 @@ Example (the spec's worked example, checked by ``tests/test_ieee_block.py``)::
     >>> encode_block([0.5, -0.25, 1.0])
     b'#212\\x00\\x00\\x00?\\x00\\x00\\x80\\xbe\\x00\\x00\\x80?'
 
-Every error is a :class:`protocols.errors.BlockError` that quotes the offending bytes and says what to fix.
+Every error is a :class:`eqprop_hil.protocols.errors.BlockError` that quotes the offending bytes and says what to fix.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from protocols.errors import BlockError
+from eqprop_hil.protocols.errors import BlockError
 
 Datatype = Literal["f", "d", "b", "B", "h", "i"]
 

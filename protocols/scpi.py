@@ -1,7 +1,7 @@
 """SCPI lines of the EP analog board: parsing, formatting, and error-queue entries.
 
 The command vocabulary itself (headers, parameters, units, static ranges, error codes) lives in
-:mod:`protocols.scpi_commands`, one table that both the spec document and the emulator follow; this module turns
+:mod:`eqprop_hil.protocols.scpi_commands`, one table that both the spec document and the emulator follow; this module turns
 the bytes of one program message into a :class:`Command` (or a :class:`ScpiCommandError` carrying the SCPI error
 code the instrument pushes), and formats replies. It knows no transport and no physics.
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocols import ieee_block
-from protocols.errors import BlockError, ScpiError
-from protocols.scpi_commands import COMMANDS, CommandSpec, Param
+from eqprop_hil.protocols import ieee_block
+from eqprop_hil.protocols.errors import BlockError, ScpiError
+from eqprop_hil.protocols.scpi_commands import COMMANDS, CommandSpec, Param
 
 # Standard SCPI / IEEE 488.2 error messages (negative) and the board's device-specific ones (positive).
 ERROR_MESSAGES: dict[int, str] = {

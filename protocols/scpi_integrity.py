@@ -25,8 +25,8 @@ from __future__ import annotations
 import re
 import zlib
 
-from protocols import ieee_block
-from protocols.errors import BlockError, ScpiError
+from eqprop_hil.protocols import ieee_block
+from eqprop_hil.protocols.errors import BlockError, ScpiError
 
 INTEGRITY_ERROR = 120  # device-specific error code: CRC missing, malformed or wrong; the message was not executed
 INTEGRITY_SINCE_FIRMWARE = (0, 2)  # ANALOG-EP-1 firmware that implements SYSTem:INTegrity (*IDN? 4th field)

@@ -18,17 +18,17 @@ import pyvisa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drivers.analog_board import AnalogBoard
-from drivers.errors import InstrumentError, LimitError, LinkError
-from drivers.interface import NeuronArray, SampleRunner
-from drivers.limits import Limits
-from drivers.scpi_property import declared_properties
-from mock_instruments.analog_server import AnalogServer
-from mock_instruments.physics import ArrayConfig, ArrayPhysics, DeviceConfig
-from protocols.errors import ValueRangeError
-from protocols.ieee_block import encode_block
-from protocols.scpi import ScpiCommandError, match_header, parse_command
-from protocols.scpi_commands import BY_KEY
+from eqprop_hil.drivers.analog_board import AnalogBoard
+from eqprop_hil.drivers.errors import InstrumentError, LimitError, LinkError
+from eqprop_hil.drivers.interface import NeuronArray, SampleRunner
+from eqprop_hil.drivers.limits import Limits
+from eqprop_hil.drivers.scpi_property import declared_properties
+from eqprop_hil.mock_instruments.analog_server import AnalogServer
+from eqprop_hil.mock_instruments.physics import ArrayConfig, ArrayPhysics, DeviceConfig
+from eqprop_hil.protocols.errors import ValueRangeError
+from eqprop_hil.protocols.ieee_block import encode_block
+from eqprop_hil.protocols.scpi import ScpiCommandError, match_header, parse_command
+from eqprop_hil.protocols.scpi_commands import BY_KEY
 
 SIZES, SKIPS = [3, 4, 2], [(0, 2)]  # edges: 0 = (0,1), 1 = (1,2), 2 = (0,2) skip
 
@@ -414,7 +414,7 @@ def wait_for(predicate, timeout_s: float = 3.0) -> bool:
 
 
 def test_faults_busy_refuses_and_power_cycle_keeps_weights() -> None:
-    from mock_instruments.faults import FaultConfig
+    from eqprop_hil.mock_instruments.faults import FaultConfig
 
     physics = make_physics()
     weights = physics.read_weights(0)

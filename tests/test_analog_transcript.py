@@ -16,10 +16,10 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from drivers.analog_board import AnalogBoard
-from drivers.errors import InstrumentError, LinkError, ReplyError
-from protocols.ieee_block import encode_block
-from protocols.scpi import MessageScanner
+from eqprop_hil.drivers.analog_board import AnalogBoard
+from eqprop_hil.drivers.errors import InstrumentError, LinkError, ReplyError
+from eqprop_hil.protocols.ieee_block import encode_block
+from eqprop_hil.protocols.scpi import MessageScanner
 
 NOERR = b'0,"No error"'
 Script = list[tuple[bytes, bytes | None]]

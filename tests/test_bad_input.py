@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drivers.errors import ReplyError
-from drivers.fpga_array import FpgaArray
-from hil import cli
-from hil.data import encode_idx
-from mock_instruments.launch import start_emulator
-from protocols import fpga_messages as m
-from protocols.errors import EqpropError, ProtocolError
-from protocols.framing import DELIMITER, FrameReader, encode_frame
-from protocols.ieee_block import encode_block
+from eqprop_hil.drivers.errors import ReplyError
+from eqprop_hil.drivers.fpga_array import FpgaArray
+from eqprop_hil import cli
+from eqprop_hil.data import encode_idx
+from eqprop_hil.mock_instruments.launch import start_emulator
+from eqprop_hil.protocols import fpga_messages as m
+from eqprop_hil.protocols.errors import EqpropError, ProtocolError
+from eqprop_hil.protocols.framing import DELIMITER, FrameReader, encode_frame
+from eqprop_hil.protocols.ieee_block import encode_block
 from tests.test_analog_transcript import NOERR, init_script, scripted
 
 # ---------------------------------------------------------------------------------------------- analog replies

@@ -1,4 +1,4 @@
-"""hil.baselines: the backprop yardstick learns the digits, reproducibly, and refuses sizes that do not fit."""
+"""eqprop_hil.engine.baselines: the backprop yardstick learns the digits, reproducibly, and refuses sizes that do not fit."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from hil.baselines import BackpropLearner, FeedForward, train_backprop
-from hil.data import Dataset, load_dataset
-from hil.model import ACTIVATIONS, NetworkConfig
-from hil.rules import RuleConfig
-from protocols.errors import ValueRangeError
+from eqprop_hil.engine.baselines import BackpropLearner, FeedForward, train_backprop
+from eqprop_hil.data import Dataset, load_dataset
+from eqprop_hil.engine.model import ACTIVATIONS, NetworkConfig
+from eqprop_hil.engine.rules import RuleConfig
+from eqprop_hil.protocols.errors import ValueRangeError
 
 
 @pytest.fixture(autouse=True)

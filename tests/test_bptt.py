@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hil.bptt import BPTTLearner, bptt_oracle, free_loss, truncated_gradient
-from hil.model import Network, NetworkConfig
-from hil.rules import RuleConfig
+from eqprop_hil.engine.bptt import BPTTLearner, bptt_oracle, free_loss, truncated_gradient
+from eqprop_hil.engine.model import Network, NetworkConfig
+from eqprop_hil.engine.rules import RuleConfig
 
 
 

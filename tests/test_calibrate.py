@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from drivers import open_array
-from hil.calibrate import (
+from eqprop_hil.drivers import open_array
+from eqprop_hil.insitu.calibrate import (
     CalibrationOptions, PulseResponse, calibrate, fit_soft_bounds, per_device_arrays, weight_mapping,
 )
-from hil.calibration import Calibration
-from hil.cli import main
-from mock_instruments.launch import start_emulator
+from eqprop_hil.insitu.calibration import Calibration
+from eqprop_hil.cli import main
+from eqprop_hil.mock_instruments.launch import start_emulator
 
 # Stated tolerances: median relative error over devices of the fitted step sizes and bounds. Measured on these
 # seeds (quick mode, 8 commands of 127 pulses per run, c2c noise 0.3): about 1 % for both.

@@ -2,7 +2,7 @@
 transports (analog: pyvisa-py over TCP; FPGA: pyserial over a pty), ending with exactly the fault-free weights.
 
 Why exact equality holds (ideal devices, same seeds): a pulse command runs exactly once (executed-command
-counter, hil/recovery.py), a sample interrupted by a reboot is undone with negated counts (each ideal pulse is
+counter, hil/insitu/recovery.py), a sample interrupted by a reboot is undone with negated counts (each ideal pulse is
 exactly dw_min) and redone with the same counter-based rounding draws. No re-programming is involved, so the
 only possible difference is float64 round-off of an undo (w + a - a), far below float32 read-back resolution.
 
@@ -23,17 +23,17 @@ import numpy as np
 import pytest
 import torch.nn.functional as F
 
-from drivers import open_array
-from hil.config import resolve
-from hil.insitu import InSituLearner
-from hil.journal import PulseJournal
-from hil.runs import RunDir
-from hil.train import prepare_data
-from mock_instruments.analog_server import AnalogServer
-from mock_instruments.faults import KINDS, FaultConfig
-from mock_instruments.fpga_server import FpgaServer
-from mock_instruments.physics import ArrayConfig, ArrayPhysics
-from mock_instruments.devices import DeviceConfig
+from eqprop_hil.drivers import open_array
+from eqprop_hil.config import resolve
+from eqprop_hil.insitu.learner import InSituLearner
+from eqprop_hil.insitu.journal import PulseJournal
+from eqprop_hil.runs.rundir import RunDir
+from eqprop_hil.train import prepare_data
+from eqprop_hil.mock_instruments.analog_server import AnalogServer
+from eqprop_hil.mock_instruments.faults import KINDS, FaultConfig
+from eqprop_hil.mock_instruments.fpga_server import FpgaServer
+from eqprop_hil.mock_instruments.physics import ArrayConfig, ArrayPhysics
+from eqprop_hil.mock_instruments.devices import DeviceConfig
 
 SIZES = [64, 16, 10]
 SAMPLES = 30

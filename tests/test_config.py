@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hil import config as c
+from eqprop_hil import config as c
 
 
 @pytest.mark.parametrize("name", c.preset_names())

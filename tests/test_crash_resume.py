@@ -7,7 +7,7 @@ outlives every crash of the other run, as a bench instrument outlives its contro
 killed with SIGKILL (nothing of the trainer survives but its files and the instrument's state) at points chosen
 by a seeded generator (``EQPROP_CRASH_SEED``), in different phases:
 
-- ``hook``: ``EQPROP_HIL_CRASH_AT="sample:step:edge"`` (hil/insitu.py) dies after a pulse command was sent and
+- ``hook``: ``EQPROP_HIL_CRASH_AT="sample:step:edge"`` (hil/insitu/learner.py) dies after a pulse command was sent and
   acknowledged, before the journal marks it done; the step's later commands are journaled but never sent. The
   first such crash comes before the first checkpoint, the others after a checkpoint.
 - ``eval``: ``EQPROP_HIL_CRASH_AT="eval:N"`` dies after the N-th test sample of an evaluation.
@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drivers import open_array
-from hil.journal import PulseJournal
-from hil.runs import RunDir
+from eqprop_hil.drivers import open_array
+from eqprop_hil.insitu.journal import PulseJournal
+from eqprop_hil.runs.rundir import RunDir
 
 SIZES = "64,16,10"
 EDGES = 2
@@ -171,7 +171,7 @@ def hil(started: list[Process], *args: str, cwd: Path, crash_at: str | None = No
     env["PYTHONUNBUFFERED"] = "1"
     if crash_at is not None:
         env["EQPROP_HIL_CRASH_AT"] = crash_at
-    started.append(Process([sys.executable, "-m", "hil.cli", "train", *args, "--no-progress"], env=env, cwd=cwd))
+    started.append(Process([sys.executable, "-m", "eqprop_hil", "train", *args, "--no-progress"], env=env, cwd=cwd))
     return started[-1]
 
 

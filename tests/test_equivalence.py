@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from drivers import open_array
-from hil.model import Network, NetworkConfig
+from eqprop_hil.drivers import open_array
+from eqprop_hil.engine.model import Network, NetworkConfig
 
 RESOURCES = {
     "analog-tcp": "sim://analog?sizes=6,9,7,4&skips=0-2,1-3&activation={act}&feedback={fb}&device=ideal&seed=2",

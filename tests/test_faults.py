@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from mock_instruments.faults import KINDS, FaultConfig, FaultInjector, ResponsePlan, query_keys
-from protocols.errors import EqpropError, ValueRangeError
+from eqprop_hil.mock_instruments.faults import KINDS, FaultConfig, FaultInjector, ResponsePlan, query_keys
+from eqprop_hil.protocols.errors import EqpropError, ValueRangeError
 
 REPLY = b'EQPROP-HIL,ANALOG-EP-1,SIM0001,0.1.0\n'
 

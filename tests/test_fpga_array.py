@@ -17,9 +17,9 @@ import serial
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from drivers.errors import DeviceRestarted, InstrumentError, LimitError, LinkError
-from drivers.fpga_array import FpgaArray
-from drivers.fpga_link import (
+from eqprop_hil.drivers.errors import DeviceRestarted, InstrumentError, LimitError, LinkError
+from eqprop_hil.drivers.fpga_array import FpgaArray
+from eqprop_hil.drivers.fpga_link import (
     BadLengthError,
     BadStateError,
     DeviceFailure,
@@ -27,16 +27,16 @@ from drivers.fpga_link import (
     OutOfRangeError,
     UnknownOpcodeError,
 )
-from drivers.interface import NeuronArray, SampleRunner
-from drivers.limits import Limits
-from mock_instruments.faults import FaultConfig, FaultInjector
-from mock_instruments.fpga_server import FpgaServer
-from mock_instruments.physics import ArrayConfig, ArrayPhysics, DeviceConfig
-from protocols import fpga_messages as m
-from protocols.errors import ValueRangeError
-from protocols.fixed_point import STATE, quantize
-from protocols.fpga_messages import Opcode, Status
-from protocols.framing import Frame, FrameReader, crc16, encode_frame
+from eqprop_hil.drivers.interface import NeuronArray, SampleRunner
+from eqprop_hil.drivers.limits import Limits
+from eqprop_hil.mock_instruments.faults import FaultConfig, FaultInjector
+from eqprop_hil.mock_instruments.fpga_server import FpgaServer
+from eqprop_hil.mock_instruments.physics import ArrayConfig, ArrayPhysics, DeviceConfig
+from eqprop_hil.protocols import fpga_messages as m
+from eqprop_hil.protocols.errors import ValueRangeError
+from eqprop_hil.protocols.fixed_point import STATE, quantize
+from eqprop_hil.protocols.fpga_messages import Opcode, Status
+from eqprop_hil.protocols.framing import Frame, FrameReader, crc16, encode_frame
 
 SIZES = [4, 6, 3]
 TRANSPORTS = ["pty", "tcp"]
@@ -529,7 +529,7 @@ def test_limits_are_checked_before_sending() -> None:
 
 def test_frames_are_logged_as_hex(caplog: pytest.LogCaptureFixture) -> None:
     with FpgaServer(make_physics()) as server, FpgaArray(server.resource) as array:
-        with caplog.at_level(logging.DEBUG, logger="drivers.fpga_link"):
+        with caplog.at_level(logging.DEBUG, logger="eqprop_hil.drivers.fpga_link"):
             array.set_phase("FREE")
     sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith("-> SET_PHASE")]
     assert sent and sent[0].split()[2].startswith("seq=") and " 00" in sent[0]

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols import fixed_point as fx
-from protocols import fpga_messages as m
-from protocols.errors import ProtocolError, ValueRangeError
-from protocols.fpga_messages import Opcode, Status
+from eqprop_hil.protocols import fixed_point as fx
+from eqprop_hil.protocols import fpga_messages as m
+from eqprop_hil.protocols.errors import ProtocolError, ValueRangeError
+from eqprop_hil.protocols.fpga_messages import Opcode, Status
 
 # ------------------------------------------------------------------------------------------ fixed point
 

@@ -11,10 +11,10 @@ from cobs import cobs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols import fpga_messages as m
-from protocols.errors import FrameError, ValueRangeError
-from protocols.fpga_messages import Opcode, Status
-from protocols.framing import (
+from eqprop_hil.protocols import fpga_messages as m
+from eqprop_hil.protocols.errors import FrameError, ValueRangeError
+from eqprop_hil.protocols.fpga_messages import Opcode, Status
+from eqprop_hil.protocols.framing import (
     MAX_ENCODED,
     MAX_PAYLOAD,
     Frame,

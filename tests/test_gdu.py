@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from hil.cli import main
-from hil.gdu import agreement, angle_deg, measure, nudged_trajectory
-from hil.model import Network, NetworkConfig
-from hil.rules import Learner, RuleConfig
+from eqprop_hil.cli import main
+from eqprop_hil.engine.gdu import agreement, angle_deg, measure, nudged_trajectory
+from eqprop_hil.engine.model import Network, NetworkConfig
+from eqprop_hil.engine.rules import Learner, RuleConfig
 
 
 def _linear_net() -> Network:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols import ieee_block
-from protocols.errors import BlockError
+from eqprop_hil.protocols import ieee_block
+from eqprop_hil.protocols.errors import BlockError
 
 SPEC = (Path(__file__).resolve().parents[1] / "protocols" / "analog_board.md").read_text()
 

@@ -19,12 +19,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hil.cli import main
-from hil.config import ConfigError, resolve
-from hil.insitu import open_insitu
-from hil.learners import build_learner
-from hil.runs import RunDir
-from hil.train import prepare_data
+from eqprop_hil.cli import main
+from eqprop_hil.config import ConfigError, resolve
+from eqprop_hil.insitu.learner import open_insitu
+from eqprop_hil.engine.learners import build_learner
+from eqprop_hil.runs.rundir import RunDir
+from eqprop_hil.train import prepare_data
 
 SIZES = "64,24,10"
 T2 = 6

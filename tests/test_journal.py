@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hil.journal import JournalError, PulseJournal, decode_array, encode_array
-from hil.runs import RunError
+from eqprop_hil.insitu.journal import JournalError, PulseJournal, decode_array, encode_array
+from eqprop_hil.runs.rundir import RunError
 
 
 def _counts(seed: int, shape: tuple[int, int] = (6, 4)) -> np.ndarray:
@@ -185,7 +185,7 @@ def test_sigkill_right_after_begin_leaves_a_pending_entry(tmp_path: Path, fsync:
     path = tmp_path / "journal.jsonl"
     child = textwrap.dedent(f"""
         import os, signal, numpy as np
-        from hil.journal import PulseJournal
+        from eqprop_hil.insitu.journal import PulseJournal
         j = PulseJournal({str(path)!r}, fsync={fsync})
         j.done(j.begin({{"edge": 0, "mode": "matrix", "counts": np.full((3, 2), -2, np.int8)}}), {{"pulses": 12}})
         j.begin({{"edge": 1, "mode": "matrix", "counts": np.arange(6, dtype=np.int8).reshape(2, 3)}})

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from drivers import open_array
-from drivers.analog_board import AnalogBoard
-from drivers.fpga_array import FpgaArray
-from mock_instruments import cli
-from mock_instruments.faults import FaultConfig
-from mock_instruments.launch import Emulator, parse_sim_url, start_emulator
-from protocols.errors import ValueRangeError
+from eqprop_hil.drivers import open_array
+from eqprop_hil.drivers.analog_board import AnalogBoard
+from eqprop_hil.drivers.fpga_array import FpgaArray
+from eqprop_hil.mock_instruments import cli
+from eqprop_hil.mock_instruments.faults import FaultConfig
+from eqprop_hil.mock_instruments.launch import Emulator, parse_sim_url, start_emulator
+from eqprop_hil.protocols.errors import ValueRangeError
 
 SMALL = "sizes=4,6,3&skips=0-2&device=ideal&seed=3"
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ pytest_plugins = ["pytester"]
 def test_plugin_is_usable_from_a_users_suite(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
-        from drivers import open_array
+        from eqprop_hil.drivers import open_array
 
         def test_user(analog_resource, fpga_resource):
             with open_array(analog_resource) as a, open_array(fpga_resource) as f:
@@ -178,8 +178,8 @@ def _first_line(proc: subprocess.Popen) -> str:
     ("args", "prefix", "driver"),
     [
         (["-m", "mock_instruments", "analog", "--port", "0", "--serial", "CLI1"], "TCPIP0::127.0.0.1::", AnalogBoard),
-        (["-m", "hil.cli", "mock", "fpga", "--pty", "--sizes", "4,6,3", "--device", "ideal"], "/dev/", FpgaArray),
-        (["-m", "hil.cli", "mock", "fpga", "--port", "0", "--sizes", "4,6,3", "--link-rate", "100000"], "socket://127.0.0.1:", FpgaArray),
+        (["-m", "eqprop_hil", "mock", "fpga", "--pty", "--sizes", "4,6,3", "--device", "ideal"], "/dev/", FpgaArray),
+        (["-m", "eqprop_hil", "mock", "fpga", "--port", "0", "--sizes", "4,6,3", "--link-rate", "100000"], "socket://127.0.0.1:", FpgaArray),
     ],
 )
 def test_cli_prints_the_resource_serves_it_and_exits_0_on_sigint(args: list[str], prefix: str, driver: type) -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from drivers import open_array
-from drivers.errors import DriverError
-from drivers.lifecycle import CloseCallbacks
-from drivers.open import ResourceError, driver_kind, registered_schemes
+from eqprop_hil.drivers import open_array
+from eqprop_hil.drivers.errors import DriverError
+from eqprop_hil.drivers.lifecycle import CloseCallbacks
+from eqprop_hil.drivers.open import ResourceError, driver_kind, registered_schemes
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ def test_driver_kind_follows_the_form_of_the_resource(resource: str, kind: str) 
 
 
 def test_sim_is_registered_by_mock_instruments() -> None:
-    assert registered_schemes()["sim"].value == "mock_instruments.launch:open_sim"
+    assert registered_schemes()["sim"].value == "eqprop_hil.mock_instruments.launch:open_sim"
 
 
 @pytest.mark.parametrize("resource", ["software", "ttyUSB0", "", "   ", "TCPIP0"])

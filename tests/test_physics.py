@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from mock_instruments.devices import DeviceConfig
-from mock_instruments.physics import ArrayConfig, ArrayPhysics
-from protocols.errors import ValueRangeError
+from eqprop_hil.mock_instruments.devices import DeviceConfig
+from eqprop_hil.mock_instruments.physics import ArrayConfig, ArrayPhysics
+from eqprop_hil.protocols.errors import ValueRangeError
 
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hil.cli import main
-from hil.commands.report import LABEL_WIDTH
-from hil.journal import PulseJournal
-from hil.plots import epoch_series, new_figure, plot_learning_curves, save_figure
-from hil.runs import RunDir
+from eqprop_hil.cli import main
+from eqprop_hil.cli.report import LABEL_WIDTH
+from eqprop_hil.insitu.journal import PulseJournal
+from eqprop_hil.runs.plots import epoch_series, new_figure, plot_learning_curves, save_figure
+from eqprop_hil.runs.rundir import RunDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -76,7 +76,7 @@ def test_report_refuses_a_directory_that_is_not_a_run(tmp_path: Path, capsys: py
 
 def test_report_as_a_console_command(tmp_path: Path) -> None:
     run = _synthetic_run(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "hil.cli", "report", "--no-plots", str(run.path)],
+    proc = subprocess.run([sys.executable, "-m", "eqprop_hil", "report", "--no-plots", str(run.path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "87.10 %" in proc.stdout and not (run.plots_dir / "learning_curves.png").exists()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hil.model import Network, NetworkConfig
-from hil.rules import Learner, RuleConfig
+from eqprop_hil.engine.model import Network, NetworkConfig
+from eqprop_hil.engine.rules import Learner, RuleConfig
 
 F64 = torch.float64
 

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hil.runs import (
+from eqprop_hil.runs.rundir import (
     DataCursor,
     RunDir,
     RunError,
@@ -23,8 +23,8 @@ from hil.runs import (
     restore_rng_state,
     toml_dumps,
 )
-from hil.toml_writer import TomlWriteError
-from protocols.errors import EqpropError
+from eqprop_hil.runs.toml_writer import TomlWriteError
+from eqprop_hil.protocols.errors import EqpropError
 
 CONFIG = {
     "name": "digits-cep",
@@ -249,7 +249,7 @@ def test_toml_keys_with_a_trailing_newline_are_quoted() -> None:
     """Found by the property test: `^...$` also matched before a trailing newline, so "0\\n" went out bare."""
     import tomllib
 
-    from hil.toml_writer import toml_dumps
+    from eqprop_hil.runs.toml_writer import toml_dumps
 
     for doc in ({"0": False, "0\n": {}}, {"0\n": []}, {"a\n": 1}):
         assert tomllib.loads(toml_dumps(doc)) == doc

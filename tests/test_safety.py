@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drivers.analog_board import AnalogBoard
-from drivers.errors import LimitError
-from drivers.fpga_array import FpgaArray
-from drivers.limits import Limits
-from hil import cli
-from mock_instruments.launch import start_emulator
+from eqprop_hil.drivers.analog_board import AnalogBoard
+from eqprop_hil.drivers.errors import LimitError
+from eqprop_hil.drivers.fpga_array import FpgaArray
+from eqprop_hil.drivers.limits import Limits
+from eqprop_hil import cli
+from eqprop_hil.mock_instruments.launch import start_emulator
 
 ROOT = Path(__file__).resolve().parents[1]
 HW = "sizes=64,16,10&activation=sigmoid4&device=ideal&seed=0"
@@ -113,7 +113,7 @@ class _Train:
 
     def __init__(self, args: list[str]) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "hil.cli", *args], cwd=ROOT, env=env, text=True,
+        self.proc = subprocess.Popen([sys.executable, "-m", "eqprop_hil", *args], cwd=ROOT, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.err: list[str] = []
         self.out: list[str] = []

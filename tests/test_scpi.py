@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols import scpi
-from protocols.errors import ScpiError
-from protocols.ieee_block import encode_block
-from protocols.scpi import ERROR_MESSAGES, MessageScanner, ScpiCommandError, parse_command
-from protocols.scpi_commands import BY_KEY, COMMANDS, CommandSpec, Param
+from eqprop_hil.protocols import scpi
+from eqprop_hil.protocols.errors import ScpiError
+from eqprop_hil.protocols.ieee_block import encode_block
+from eqprop_hil.protocols.scpi import ERROR_MESSAGES, MessageScanner, ScpiCommandError, parse_command
+from eqprop_hil.protocols.scpi_commands import BY_KEY, COMMANDS, CommandSpec, Param
 
 SPEC_TEXT = (Path(__file__).resolve().parents[1] / "protocols" / "analog_board.md").read_text()
 

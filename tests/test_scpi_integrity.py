@@ -14,14 +14,14 @@ import pyvisa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.analog_board import AnalogBoard
-from drivers.errors import InstrumentError
-from hil.recovery import transient
-from mock_instruments.analog_server import AnalogServer
-from mock_instruments.faults import FaultConfig
-from mock_instruments.physics import ArrayConfig, ArrayPhysics, DeviceConfig
-from protocols.ieee_block import encode_block
-from protocols.scpi_integrity import (
+from eqprop_hil.drivers.analog_board import AnalogBoard
+from eqprop_hil.drivers.errors import InstrumentError
+from eqprop_hil.insitu.recovery import transient
+from eqprop_hil.mock_instruments.analog_server import AnalogServer
+from eqprop_hil.mock_instruments.faults import FaultConfig
+from eqprop_hil.mock_instruments.physics import ArrayConfig, ArrayPhysics, DeviceConfig
+from eqprop_hil.protocols.ieee_block import encode_block
+from eqprop_hil.protocols.scpi_integrity import (
     INTEGRITY_ERROR, IntegrityError, crc_field, decode_reply, decode_request, encode_reply, encode_request,
     parse_crc_field, supports_integrity,
 )
@@ -263,6 +263,6 @@ def test_driver_verifies_replies_and_resends_refused_requests() -> None:
 
 
 def test_a_crc_refusal_is_transient_for_the_recovery_layer() -> None:
-    """A refused pulse command reaches hil/recovery.py, which resends it only once PULS:COUN? shows it did not run."""
+    """A refused pulse command reaches hil/insitu/recovery.py, which resends it only once PULS:COUN? shows it did not run."""
     assert transient(InstrumentError(INTEGRITY_ERROR, "Integrity check failed", "PULS:MATR 0,"))
     assert not transient(InstrumentError(-222, "Data out of range", "EDGE:GAIN 0,2"))

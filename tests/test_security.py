@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drivers import open_array
-from drivers.analog_board import AnalogBoard
-from drivers.errors import AccessDenied
-from drivers.fpga_array import FpgaArray
-from mock_instruments import cli
-from mock_instruments.launch import start_emulator
-from protocols import fpga_messages as m
-from protocols.auth import AUTH_REFUSED_LINE, TOKEN_ENV
-from protocols.errors import ValueRangeError
-from protocols.framing import DELIMITER, FrameReader, encode_frame
-from protocols.ieee_block import encode_block
+from eqprop_hil.drivers import open_array
+from eqprop_hil.drivers.analog_board import AnalogBoard
+from eqprop_hil.drivers.errors import AccessDenied
+from eqprop_hil.drivers.fpga_array import FpgaArray
+from eqprop_hil.mock_instruments import cli
+from eqprop_hil.mock_instruments.launch import start_emulator
+from eqprop_hil.protocols import fpga_messages as m
+from eqprop_hil.protocols.auth import AUTH_REFUSED_LINE, TOKEN_ENV
+from eqprop_hil.protocols.errors import ValueRangeError
+from eqprop_hil.protocols.framing import DELIMITER, FrameReader, encode_frame
+from eqprop_hil.protocols.ieee_block import encode_block
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "lab-7f3a9c2e"
@@ -254,8 +254,8 @@ def test_no_module_unpickles() -> None:
 
 def test_a_token_with_a_trailing_newline_is_refused() -> None:
     """`^...$` accepts "abc\\n"; the check must take the whole token, or a newline would end the SCPI line early."""
-    from protocols.auth import check_token
-    from protocols.errors import ValueRangeError
+    from eqprop_hil.protocols.auth import check_token
+    from eqprop_hil.protocols.errors import ValueRangeError
 
     with pytest.raises(ValueRangeError):
         check_token("abc\n")

@@ -20,8 +20,8 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from drivers.timeouts import zmq_ms
-from hil.telemetry import (
+from eqprop_hil.drivers.timeouts import zmq_ms
+from eqprop_hil.telemetry import (
     TelemetryError,
     TelemetryPublisher,
     TelemetryRefused,
@@ -34,7 +34,7 @@ from hil.telemetry import (
     is_loopback_endpoint,
     to_jsonable,
 )
-from protocols.errors import EqpropError, ValueRangeError
+from eqprop_hil.protocols.errors import EqpropError, ValueRangeError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WAIT_S = 10.0  # bound on every wait for something that must happen
@@ -212,7 +212,7 @@ def test_loopback_classification(endpoint: str, loopback: bool) -> None:
 
 def test_non_loopback_bind_warns_on_log_and_stderr(caplog: pytest.LogCaptureFixture,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    with caplog.at_level(logging.WARNING, logger="hil.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="eqprop_hil.telemetry"):
         assert check_bind_address("tcp://0.0.0.0:0") is True
         # A TEST-NET-3 address is on no interface: the warning comes before the bind, which then fails cleanly.
         with pytest.raises(TelemetryError, match="cannot bind"):
@@ -229,7 +229,7 @@ def test_other_loopback_address_binds_without_warning(caplog: pytest.LogCaptureF
         socket.create_server(("127.0.0.2", 0)).close()
     except OSError:
         pytest.skip("127.0.0.2 is not usable on this host")
-    with caplog.at_level(logging.WARNING, logger="hil.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="eqprop_hil.telemetry"):
         with TelemetryPublisher("tcp://127.0.0.2:0", resend_start_every_s=None) as pub:
             assert pub.address.startswith("tcp://127.0.0.2:") and pub.snapshot_address.startswith("tcp://127.0.0.2:")
             with TelemetrySubscriber(pub.address) as sub:
@@ -342,7 +342,7 @@ def test_context_manager_stops_an_open_run_as_failed() -> None:
 def _monitor(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("HIL_TELEMETRY_TOKEN", None)
-    return subprocess.Popen([sys.executable, "-m", "hil.cli", "monitor", *args], cwd=ROOT, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "eqprop_hil", "monitor", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -395,10 +395,10 @@ def test_hil_monitor_once_prints_the_snapshot() -> None:
     with TelemetryPublisher(resend_start_every_s=None, token="t0k") as pub:
         _publish_run(pub, "fail", "link lost")
         env_token = {**os.environ, "PYTHONPATH": str(ROOT), "HIL_TELEMETRY_TOKEN": "t0k"}
-        done = subprocess.run([sys.executable, "-m", "hil.cli", "monitor", pub.address, "--snapshot",
+        done = subprocess.run([sys.executable, "-m", "eqprop_hil", "monitor", pub.address, "--snapshot",
                                pub.snapshot_address, "--once", "--timeout", "30"], cwd=ROOT, env=env_token,
                               text=True, capture_output=True, timeout=60)
-        refused = subprocess.run([sys.executable, "-m", "hil.cli", "monitor", pub.address, "--snapshot",
+        refused = subprocess.run([sys.executable, "-m", "eqprop_hil", "monitor", pub.address, "--snapshot",
                                   pub.snapshot_address, "--once", "--token", "nope"], cwd=ROOT, text=True,
                                  capture_output=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
@@ -408,8 +408,8 @@ def test_hil_monitor_once_prints_the_snapshot() -> None:
 
 
 def test_monitor_does_not_import_torch() -> None:
-    code = ("import sys, hil.cli; hil.cli.build_parser(['monitor', 'tcp://127.0.0.1:1']); "
-            "import hil.commands.monitor; assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    code = ("import sys, eqprop_hil.cli; eqprop_hil.cli.build_parser(['monitor', 'tcp://127.0.0.1:1']); "
+            "import eqprop_hil.cli.monitor; assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, text=True, capture_output=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

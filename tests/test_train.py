@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from hil.cli import main
-from hil.runs import RunDir
+from eqprop_hil.cli import main
+from eqprop_hil.runs.rundir import RunDir
 
 ARGS = ["train", "--preset", "digits-ep", "--instrument", "software", "--data-limit", "200", "--no-progress"]
 

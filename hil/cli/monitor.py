@@ -1,7 +1,7 @@
 """`hil monitor ADDRESS`: a live one-line view of a run's telemetry (run name, epoch, samples, running and test
 accuracy, samples per second, pulses sent) that exits with the run's stop document.
 
-Light on purpose: it imports zmq and numpy through ``hil.telemetry`` but never torch, so it starts fast on a
+Light on purpose: it imports zmq and numpy through ``eqprop_hil.telemetry`` but never torch, so it starts fast on a
 lab PC next to the training process. On a terminal the line is redrawn in place (ANSI); when the output is a
 pipe or a log, one line is printed per evaluation and at most one per second otherwise.
 """
@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from hil.telemetry import TelemetryError, TelemetrySubscriber, TelemetryTimeout, fetch_snapshot
+from eqprop_hil.telemetry import TelemetryError, TelemetrySubscriber, TelemetryTimeout, fetch_snapshot
 
 PLAIN_INTERVAL_S = 1.0  # pipes/logs: at most one progress line per second (evaluations always print)
 TTY_INTERVAL_S = 0.1  # terminals: redraw at most ten times per second

@@ -11,7 +11,7 @@ Weights are measured in *device units*: each matrix's weight scale is set to 1 w
 - :func:`settle_trace` / :func:`measure_settling` / :func:`gain_sweep`: settle steps and contraction (spectral
   radius) versus FRE feedback gain, and the gain to recommend (REFERENCE.md 6).
 - :func:`measure_converters`: DAC/ADC gain and offset per neuron, read noise.
-- :func:`calibrate`: all of it, into a :class:`hil.calibration.Calibration` (what ``hil calibrate`` runs).
+- :func:`calibrate`: all of it, into a :class:`eqprop_hil.insitu.calibration.Calibration` (what ``hil calibrate`` runs).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from drivers.interface import NeuronArray
-from hil.calibration import Calibration, CalibrationError, EdgeCalibration
+from eqprop_hil.drivers.interface import NeuronArray
+from eqprop_hil.insitu.calibration import Calibration, CalibrationError, EdgeCalibration
 
 
 class Progress(Protocol):

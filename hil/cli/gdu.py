@@ -3,7 +3,7 @@
 Runs the preset's network (random weights from the seed) on one batch: random input in [0, 1) and random one-hot
 targets when the preset's data set is ``random`` (the C-EP paper's demonstration), else the first training batch
 of that data set. Compares EP (eta 0) or C-EP (eta > 0, one rate for every edge) per-step updates with minus the
-BPTT per-step gradients (hil/gdu.py) and prints a table per parameter and the overall angle, or one JSON object.
+BPTT per-step gradients (hil/engine/gdu.py) and prints a table per parameter and the overall angle, or one JSON object.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import sys
 
 import torch
 
-from hil.config import resolve
-from hil.gdu import measure, plot_curves
-from hil.model import Network
+from eqprop_hil.config import resolve
+from eqprop_hil.engine.gdu import measure, plot_curves
+from eqprop_hil.engine.model import Network
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +38,7 @@ def batch(cfg, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.rand(size, n_in, generator=gen, dtype=torch.float64)
         labels = torch.randint(n_out, (size,), generator=gen)
     else:
-        from hil.data import load_dataset
+        from eqprop_hil.data import load_dataset
 
         data = load_dataset(cfg.train.dataset, seed=seed)
         x, labels = data.x_train[:size].reshape(size, -1).to(torch.float64), data.y_train[:size]

@@ -1,6 +1,6 @@
 """The layered recurrent network of docs/dynamics.md, vectorised over the batch: the software twin of the hardware.
 
-One class holds the parameters and one synchronous step; the learning rules (hil/rules.py) drive it. States are a
+One class holds the parameters and one synchronous step; the learning rules (hil/engine/rules.py) drive it. States are a
 list of tensors, one per layer, each ``(batch, n_k)``; ``s[0]`` is the clamped input.
 """
 
@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from protocols.errors import ValueRangeError
+from eqprop_hil.protocols.errors import ValueRangeError
 
 Activation = Literal["sigmoid4", "hard_sigmoid", "tanh", "identity"]
 

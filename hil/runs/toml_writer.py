@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from protocols.errors import EqpropError
+from eqprop_hil.protocols.errors import EqpropError
 
 
 class TomlWriteError(EqpropError, ValueError):

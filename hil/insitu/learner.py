@@ -27,23 +27,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from drivers.errors import LinkError
-from drivers.interface import NeuronArray, SampleRunner
-from drivers.limits import Limits
-from hil.calibration import Calibration, CalibrationError, EdgeCalibration
-from hil.config import ConfigError, RunConfig
-from hil.journal import PulseJournal
-from hil.model import Network
-from hil.recovery import Guard, GuardedArray, RedoSample, entries_since
-from hil.rules import BatchResult
-from hil.runs import RunDir
+from eqprop_hil.drivers.errors import LinkError
+from eqprop_hil.drivers.interface import NeuronArray, SampleRunner
+from eqprop_hil.drivers.limits import Limits
+from eqprop_hil.insitu.calibration import Calibration, CalibrationError, EdgeCalibration
+from eqprop_hil.config import ConfigError, RunConfig
+from eqprop_hil.insitu.journal import PulseJournal
+from eqprop_hil.engine.model import Network
+from eqprop_hil.insitu.recovery import Guard, GuardedArray, RedoSample, entries_since
+from eqprop_hil.engine.rules import BatchResult
+from eqprop_hil.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 
 def open_insitu(cfg: RunConfig, run: RunDir, *, resume: bool = False) -> "InSituLearner":
     """Open the instrument named by ``cfg.instrument.resource`` and wrap it in a learner."""
-    from drivers import open_array
+    from eqprop_hil.drivers import open_array
 
     icfg = cfg.instrument
     lim = icfg.limits
@@ -86,7 +86,7 @@ def nominal_calibration(array: NeuronArray, net: Network, weight_range: float) -
 
 
 class InSituLearner:
-    """The hardware counterpart of :class:`hil.rules.Learner` (same interface, used by hil/train.py)."""
+    """The hardware counterpart of :class:`eqprop_hil.engine.rules.Learner` (same interface, used by hil/train.py)."""
 
     def __init__(self, cfg: RunConfig, array: NeuronArray, calibration: Calibration | None, journal: PulseJournal,
                  *, resume: bool = False, program_initial: bool = True) -> None:
@@ -335,7 +335,7 @@ class InSituLearner:
 
     def _robust_sample(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """:meth:`_sample`, redone from its start after a reboot or a settle whose fate is unknown: the volatile
-        settings are applied again and the sample's acknowledged pulses undone first (hil/recovery.py)."""
+        settings are applied again and the sample's acknowledged pulses undone first (hil/insitu/recovery.py)."""
         self._applied = []
         for _ in range(self.guard.retries + 1):
             self.guard.restarted = False
@@ -421,7 +421,7 @@ class InSituLearner:
         Every pulse command journaled after the checkpoint is settled first: acknowledged ones ran; of the
         pending ones (a crash between send and acknowledgement) the instrument's executed-command counter says
         how many ran, and they ran in id order. Those that ran are undone with negated counts, exact on ideal
-        devices (hil/recovery.py), so the replay starts from exactly the checkpoint's conductances. A remaining
+        devices (hil/insitu/recovery.py), so the replay starts from exactly the checkpoint's conductances. A remaining
         difference (real devices, or a checkpoint without the counter) is written over by write-verify
         programming: exact to the programming tolerance."""
         ran = -1
@@ -493,7 +493,7 @@ class InSituLearner:
             self._roll_back(params, state.get("journal_next_id"), state.get("executed_pulse_commands"))
 
     def recovery_stats(self) -> dict:
-        """What the resilience layer did (hil/recovery.py Guard.stats)."""
+        """What the resilience layer did (hil/insitu/recovery.py Guard.stats)."""
         return dict(self.guard.stats)
 
     def stats(self) -> dict:

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from hil.runs import RunDir
+from eqprop_hil.runs.rundir import RunDir
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(run_dir)
     print(format_summary(summary))
     if not args.no_plots:
-        from hil.plots import plot_learning_curves
+        from eqprop_hil.runs.plots import plot_learning_curves
 
         path = plot_learning_curves(summary["metrics"], run_dir.plots_dir / "learning_curves.png",
                                     title=str(summary["name"]))

@@ -13,10 +13,10 @@ from typing import Literal
 
 import torch
 
-from hil.model import Network
-from protocols.errors import ValueRangeError
+from eqprop_hil.engine.model import Network
+from eqprop_hil.protocols.errors import ValueRangeError
 
-Rule = Literal["ep", "cep", "cep-control", "cvf", "fre", "bp", "bptt"]  # bp, bptt: baselines (hil/baselines.py, hil/bptt.py)
+Rule = Literal["ep", "cep", "cep-control", "cvf", "fre", "bp", "bptt"]  # bp, bptt: baselines (hil/engine/baselines.py, hil/engine/bptt.py)
 CONTINUAL = ("cep", "cvf")
 
 

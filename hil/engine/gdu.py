@@ -4,7 +4,7 @@ C-EP paper, Theorem 1 (REFERENCE.md sections 2 and 5): after a converged free ph
 - the normalised neuron updates ``(s_{t+1} - s_t) / beta`` of nudged step ``t`` equal ``-dL/ds_{T-t}``, and
 - the normalised parameter updates, ``(Phi_theta(s_{t+1}) - Phi_theta(s_t)) / beta`` for EP (eta = 0) or
   ``(theta_{t+1} - theta_t) / eta`` for C-EP (the weights really move by eta per step), equal ``-(G(t+1) - G(t))``,
-  the gradient through the ``t+1``-th last free step (:func:`hil.bptt.bptt_oracle`).
+  the gradient through the ``t+1``-th last free step (:func:`eqprop_hil.engine.bptt.bptt_oracle`).
 
 :func:`measure` runs both sides on the same network and input and returns the agreement metrics of REFERENCE.md
 section 5, per parameter and per neuron layer. Everything is computed in float64 (the updates divide state
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hil.bptt import bind, bptt_oracle
-from hil.model import Network
-from hil.rules import phi_grads
-from protocols.errors import ValueRangeError
+from eqprop_hil.engine.bptt import bind, bptt_oracle
+from eqprop_hil.engine.model import Network
+from eqprop_hil.engine.rules import phi_grads
+from eqprop_hil.protocols.errors import ValueRangeError
 
 
 @dataclass
@@ -40,7 +40,7 @@ def nudged_trajectory(
     """Free phase from zero, then ``t2`` nudged steps recording the per-step updates.
 
     ``eta`` holds one rate per edge (input edge first); a layer's bias moves at the rate of its incoming chain
-    edge, as in :class:`hil.rules.Learner`. With all rates 0 this is EP's per-step increment
+    edge, as in :class:`eqprop_hil.engine.rules.Learner`. With all rates 0 this is EP's per-step increment
     ``(Phi_theta(s_{t+1}) - Phi_theta(s_t)) / beta``; otherwise C-EP: the step from ``s_t`` uses ``theta_t``, then
     ``theta_{t+1} = theta_t + eta * increment``, and the recorded update is the actual ``(theta_{t+1} - theta_t) / eta``.
     ``net`` is not modified (C-EP moves a copy of its parameters).
@@ -166,7 +166,7 @@ def plot_curves(report: GduReport, path: str, *, per_panel: int = 3) -> str:
     """Per-step curves, one panel per parameter and neuron layer: the update (solid) against minus the BPTT
     gradient (dashed, same colour) for the ``per_panel`` components with the largest total target (the ones the
     eye can judge; tiny components are all noise)."""
-    from hil.plots import new_figure, save_figure
+    from eqprop_hil.runs.plots import new_figure, save_figure
 
     names = list(report.curves)
     ncols = 2

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hil import config as configuration
-from hil.runs import RunDir, resolve_run_dir
+from eqprop_hil import config as configuration
+from eqprop_hil.runs.rundir import RunDir, resolve_run_dir
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -50,7 +50,7 @@ def overrides(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hil.session import run_training
+    from eqprop_hil.session import run_training
 
     if args.resume:
         run_dir = RunDir.open(args.resume)

@@ -3,7 +3,7 @@
 Writes ``FILE.json`` (+ ``FILE.npz`` with the per-device arrays) and, next to it, three PNGs:
 ``FILE_pulse_response.png`` (measured weights of a few devices with the fitted soft-bounds model),
 ``FILE_step_hist.png`` (step sizes and bounds over devices) and ``FILE_settle_gain.png`` (settle steps and
-contraction versus the feedback gain). The measurements themselves live in :mod:`hil.calibrate`.
+contraction versus the feedback gain). The measurements themselves live in :mod:`eqprop_hil.insitu.calibrate`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hil.calibrate import CalibrationOptions, CalibrationResult, PulseResponse, SoftBoundsFit
+from eqprop_hil.insitu.calibrate import CalibrationOptions, CalibrationResult, PulseResponse, SoftBoundsFit
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -78,8 +78,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from drivers import open_array
-    from hil.calibrate import calibrate, progress_total
+    from eqprop_hil.drivers import open_array
+    from eqprop_hil.insitu.calibrate import calibrate, progress_total
 
     opts = CalibrationOptions(edges=args.edges, devices=args.devices, quick=args.quick, k=args.k, margin=args.margin,
                               tolerance=args.tolerance, gains=tuple(args.gains), inputs=args.inputs,
@@ -126,7 +126,7 @@ def report_table(result: CalibrationResult) -> str:
 
 def write_plots(result: CalibrationResult, json_path: Path) -> list[Path]:
     """The three figures next to the JSON file; returns their paths."""
-    from hil.plots import new_figure, save_figure
+    from eqprop_hil.runs.plots import new_figure, save_figure
 
     stem = json_path.with_suffix("")
     paths = []

@@ -7,7 +7,7 @@ cheaply), so it gets its own rule; everything else is made safe by replaying a w
   reboot) ask the instrument how many pulse commands it has *executed* (a non-volatile counter: the analog
   board's ``PULSe:COUNt?``, the FPGA's COUNTERS opcode) and compare with the count this host expects: one more
   means it ran (journal ``applied``), the same means it did not (resend, bounded). The verdict and its evidence
-  go to the journal (:meth:`hil.journal.PulseJournal.resolve`).
+  go to the journal (:meth:`eqprop_hil.insitu.journal.PulseJournal.resolve`).
 - **idempotent operations** (settings, reads, inference): retried in place, bounded; the drivers already retry
   link errors, this adds busy answers and command errors caused by a corrupted request (nothing executed).
 - **non-idempotent operations** (``settle``) and **reboots** (a boot counter that changed, or
@@ -30,9 +30,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from drivers.errors import DeviceRestarted, InstrumentError, LinkError, ReplyError
-from hil.journal import PulseJournal
-from protocols.scpi_integrity import INTEGRITY_ERROR
+from eqprop_hil.drivers.errors import DeviceRestarted, InstrumentError, LinkError, ReplyError
+from eqprop_hil.insitu.journal import PulseJournal
+from eqprop_hil.protocols.scpi_integrity import INTEGRITY_ERROR
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -194,7 +194,7 @@ def entries_since(path: Any, first_id: int) -> list[tuple[int, dict, str]]:
     order: what was sent after a checkpoint, for the resume reconciliation."""
     import json
 
-    from hil.journal import decode_array, is_encoded_array
+    from eqprop_hil.insitu.journal import decode_array, is_encoded_array
 
     out: dict[int, list] = {}
     for line in open(path, "rb").read().split(b"\n"):

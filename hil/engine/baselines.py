@@ -3,7 +3,7 @@
 The counterpart has the same layer sizes, skip edges and activation ``rho`` as the recurrent network, but computes
 each layer once from the layers below (no feedback, no settling) and learns by ordinary backprop. It answers "how
 well could these sizes do with exact gradients?", so an EP result within a point or so of it shows that the
-learning rule, not the architecture, is what is being measured. (BPTT through the recurrent dynamics: hil/bptt.py.)
+learning rule, not the architecture, is what is being measured. (BPTT through the recurrent dynamics: hil/engine/bptt.py.)
 
 Output convention, matching the recurrent network's output neurons:
 - ``loss="mse"``: the output is ``o = rho(u)`` and the loss ``0.5 * ||o - y||^2`` with ``y`` one-hot, summed over
@@ -23,10 +23,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from hil.data import Dataset
-from hil.model import ACTIVATIONS, Activation, NetworkConfig
-from hil.rules import BatchResult, RuleConfig
-from protocols.errors import ValueRangeError
+from eqprop_hil.data import Dataset
+from eqprop_hil.engine.model import ACTIVATIONS, Activation, NetworkConfig
+from eqprop_hil.engine.rules import BatchResult, RuleConfig
+from eqprop_hil.protocols.errors import ValueRangeError
 
 Loss = Literal["mse", "cross_entropy"]
 ProgressCallback = Callable[[dict], None]
@@ -36,7 +36,7 @@ class FeedForward(torch.nn.Module):
     """Layers computed in order: ``u_j = sum_{e=(i,j)} W_e s_i + b_j``, ``s_j = rho(u_j)`` for hidden layers.
 
     ``edges`` are ``(i, j)`` pairs with ``i < j`` (chain first, as in docs/dynamics.md); parameters are named as
-    in :class:`hil.model.Network` (``W{edge}``, ``b{layer}``). Weights are uniform in ``+-gain/sqrt(fan_in)``
+    in :class:`eqprop_hil.engine.model.Network` (``W{edge}``, ``b{layer}``). Weights are uniform in ``+-gain/sqrt(fan_in)``
     (``init="uniform"``) or ``+-gain*sqrt(6/(fan_in+fan_out))`` (``"xavier"``), biases uniform in
     ``+-1/sqrt(fan_in)`` of the chain edge; all drawn from a generator seeded with ``seed``.
     """

@@ -1,6 +1,6 @@
 """``hil mock analog|fpga``: run an emulated instrument by hand until interrupted.
 
-The command itself lives in :mod:`mock_instruments.cli` (so ``python -m mock_instruments`` needs no ``hil``);
+The command itself lives in :mod:`eqprop_hil.mock_instruments.cli` (so ``python -m mock_instruments`` needs no ``hil``);
 ``hil`` may import ``mock_instruments`` for this, the reverse never happens.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from mock_instruments import cli
+from eqprop_hil.mock_instruments import cli
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from hil.durable import atomic_write_bytes
+from eqprop_hil.runs.durable import atomic_write_bytes
 
 # metric key -> (panel, label); accuracies are fractions 0..1 and are drawn in percent
 CURVES: dict[str, tuple[str, str]] = {

@@ -1,4 +1,4 @@
-"""`hil`: the command line. Each subcommand lives in its own module under ``hil/commands`` and is imported only
+"""`hil`: the command line. Each subcommand lives in its own module under ``hil/cli`` and is imported only
 when used, so ``hil monitor`` does not pay for torch and ``hil mock`` does not pay for matplotlib."""
 
 from __future__ import annotations
@@ -8,16 +8,16 @@ import importlib
 import logging
 import sys
 
-from protocols.errors import EqpropError
+from eqprop_hil.protocols.errors import EqpropError
 
 # name -> (module, one-line help). Each module offers configure(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("hil.commands.train", "train a network (software engine or an instrument) with EP / C-EP / C-VF / FRE"),
-    "gdu": ("hil.commands.gdu", "compare EP / C-EP updates with BPTT gradients (the GDU check)"),
-    "mock": ("hil.commands.mock", "run an emulated instrument (analog board or FPGA array) until interrupted"),
-    "calibrate": ("hil.commands.calibrate", "measure an instrument's devices, converters and settling"),
-    "report": ("hil.commands.report", "summarise a run directory and write its plots"),
-    "monitor": ("hil.commands.monitor", "show a run's live telemetry stream in the terminal"),
+    "train": ("eqprop_hil.cli.train", "train a network (software engine or an instrument) with EP / C-EP / C-VF / FRE"),
+    "gdu": ("eqprop_hil.cli.gdu", "compare EP / C-EP updates with BPTT gradients (the GDU check)"),
+    "mock": ("eqprop_hil.cli.mock", "run an emulated instrument (analog board or FPGA array) until interrupted"),
+    "calibrate": ("eqprop_hil.cli.calibrate", "measure an instrument's devices, converters and settling"),
+    "report": ("eqprop_hil.cli.report", "summarise a run directory and write its plots"),
+    "monitor": ("eqprop_hil.cli.monitor", "show a run's live telemetry stream in the terminal"),
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from protocols.errors import EqpropError
+from eqprop_hil.protocols.errors import EqpropError
 
 FORMAT = "eqprop-hil-calibration"
 VERSION = 1

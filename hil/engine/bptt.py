@@ -1,7 +1,7 @@
 """Backpropagation through time through the network's own recurrent dynamics: a baseline and the GDU oracle.
 
 Two jobs share one trick. The free phase ``s_{t+1} = step(s_t, theta)`` is unrolled for ``T1`` steps from the zero
-state with autograd, and the loss (:func:`hil.rules.loss_and_pred`) is taken on the final state ``s_T``.
+state with autograd, and the loss (:func:`eqprop_hil.engine.rules.loss_and_pred`) is taken on the final state ``s_T``.
 
 - :class:`BPTTLearner` trains with the full gradient: the "exact gradient of the same dynamics" yardstick that
   EP, C-EP and C-VF approximate (REFERENCE.md section 5).
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hil.model import Network
-from hil.rules import BatchResult, Learner, RuleConfig, loss_and_pred
-from protocols.errors import ValueRangeError
+from eqprop_hil.engine.model import Network
+from eqprop_hil.engine.rules import BatchResult, Learner, RuleConfig, loss_and_pred
+from eqprop_hil.protocols.errors import ValueRangeError
 
 
 def bind(net: Network, params: dict[str, torch.Tensor]) -> Network:
@@ -59,7 +59,7 @@ def free_loss(net: Network, x: torch.Tensor, y: torch.Tensor, t1: int) -> tuple[
 
 # --------------------------------------------------------------------------------------------- the baseline
 class BPTTLearner(Learner):
-    """BPTT through the free phase, with the rule interface of :class:`hil.rules.Learner` (``train_batch``,
+    """BPTT through the free phase, with the rule interface of :class:`eqprop_hil.engine.rules.Learner` (``train_batch``,
     ``evaluate``, ``state_dict``). Per-edge learning rates, SGD or Adam and checkpointing are Learner's own:
     the update is handed to :meth:`Learner.apply` as the descent direction ``-dL/dtheta``."""
 

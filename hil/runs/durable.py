@@ -1,6 +1,6 @@
 """Durable files for run records: atomic replacement, appends that survive a killed process, torn-line repair.
 
-A leaf module (no torch, no matplotlib) shared by :mod:`hil.runs` and :mod:`hil.journal`, which is why the run
+A leaf module (no torch, no matplotlib) shared by :mod:`eqprop_hil.runs.rundir` and :mod:`eqprop_hil.insitu.journal`, which is why the run
 records' error type lives here too.
 """
 
@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from protocols.errors import EqpropError
+from eqprop_hil.protocols.errors import EqpropError
 
-log = logging.getLogger("hil.runs")
+log = logging.getLogger("eqprop_hil.runs.rundir")
 
 
 class RunError(EqpropError):

@@ -5,9 +5,9 @@ A run lives in ``runs/<name>/`` (see ARCHITECTURE.md, "A run on disk")::
     config.toml       the resolved config (written by a small TOML writer: the stdlib only reads TOML)
     instrument.json   the instrument snapshot (identity, settings, calibration)
     metrics.jsonl     one JSON object per epoch and per evaluation, fsynced line by line; NaN/inf -> null
-    journal.jsonl     the pulse write-ahead journal (:mod:`hil.journal`)
+    journal.jsonl     the pulse write-ahead journal (:mod:`eqprop_hil.insitu.journal`)
     checkpoint/       self-contained checkpoints ``ckpt-00000007.pt``: the latest and the previous one
-    plots/            learning curves (:mod:`hil.plots`)
+    plots/            learning curves (:mod:`eqprop_hil.runs.plots`)
 
 Metric records are free-form objects; the report and the plots understand these keys: ``kind`` ("epoch" or
 "eval"), ``epoch``, ``train_accuracy``, ``test_accuracy`` (fractions 0..1), ``train_loss``, ``test_loss``,
@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from hil.durable import RunError, atomic_write_bytes, drop_torn_tail, to_json_safe, write_all
-from hil.toml_writer import TomlWriteError, toml_dumps
+from eqprop_hil.runs.durable import RunError, atomic_write_bytes, drop_torn_tail, to_json_safe, write_all
+from eqprop_hil.runs.toml_writer import TomlWriteError, toml_dumps
 
 __all__ = ["RunError", "RunDir", "DataCursor", "capture_rng_state", "restore_rng_state", "resolve_run_dir",
            "toml_dumps", "to_json_safe", "atomic_write_bytes"]
@@ -227,8 +227,8 @@ class RunDir:
         return self.path / self.CHECKPOINTS
 
     def journal(self, *, readonly: bool = False, fsync: bool = True) -> Any:
-        """The run's :class:`hil.journal.PulseJournal` (see there for ``fsync``)."""
-        from hil.journal import PulseJournal
+        """The run's :class:`eqprop_hil.insitu.journal.PulseJournal` (see there for ``fsync``)."""
+        from eqprop_hil.insitu.journal import PulseJournal
 
         return PulseJournal(self.journal_path, readonly=readonly, fsync=fsync)
 

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hil.durable import RunError, drop_torn_tail, to_json_safe, write_all
+from eqprop_hil.runs.durable import RunError, drop_torn_tail, to_json_safe, write_all
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _arrays_hash(arrays: dict[str, np.ndarray]) -> str:
 
 
 def _ack_pulses(ack: Any) -> int:
-    """The ``pulses`` an acknowledgement reports (:class:`drivers.interface.PulseResult`), 0 when absent."""
+    """The ``pulses`` an acknowledgement reports (:class:`eqprop_hil.drivers.interface.PulseResult`), 0 when absent."""
     value = ack.get("pulses") if isinstance(ack, dict) else None
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
