@@ -40,3 +40,23 @@ class AccessDenied(DriverError):
 
 class LimitError(ValueRangeError, DriverError):
     """A value that would drive the hardware outside the configured safety limits; nothing was sent."""
+
+
+class InstanceChanged(DeviceRestarted):
+    """The instrument is not the instance this driver was bound to: it was power-cycled, restarted or swapped, so
+    the weights the run built are gone (a blank or foreign board answers). The board refused the fenced command
+    and nothing was executed. Never train on: re-program from the last checkpoint and call
+    ``rebind_instance()``, or stop. ``expected`` and ``actual`` are the two instance ids (hex strings)."""
+
+    def __init__(self, expected: str, actual: str, command: str = "") -> None:
+        self.expected = expected
+        self.actual = actual
+        self.command = command
+        where = f" ({command!r} refused, not executed)" if command else ""
+        super().__init__(f"instrument instance changed: bound to {expected}, the board is now {actual}{where}; "
+                         "its weights are not the run's: re-program from the last checkpoint, or stop")
+
+
+class ProtocolVersionError(DriverError):
+    """The instrument speaks another revision of the protocol than this driver (``supported`` versus ``found``);
+    nothing state-changing was sent. Update the driver or the firmware."""

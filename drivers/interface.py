@@ -20,12 +20,14 @@ Phase = Literal["FREE", "NUDGE", "HOLD"]
 
 
 class Identity(TypedDict):
-    """What ``*IDN?`` (or the FPGA's IDENTIFY opcode) says, split into its four fields."""
+    """What ``*IDN?`` (or the FPGA's IDENTIFY opcode) says, split into its fields, plus the power-up identity."""
 
     vendor: str  # e.g. "EQPROP-HIL"
     model: str  # e.g. "ANALOG-EP-1"
     serial: str  # e.g. "SIM0001"
     firmware: str  # e.g. "0.1.0"
+    protocol: int  # revision of the wire protocol the firmware speaks, e.g. 2 (the driver refuses others)
+    instance: str  # 16 hex digits drawn at random at every power-up: a restarted or swapped board has another
 
 
 class Topology(TypedDict):
@@ -123,7 +125,25 @@ class Plastic(Protocol):
 
 
 @runtime_checkable
-class NeuronArray(Described, Driven, Plastic, Protocol):
+class Fenced(Protocol):
+    """Instance fencing: the driver binds to the board's power-up instance id when it opens, and every
+    state-changing command carries that id, so a board that restarted (or was swapped) refuses it with
+    :class:`~eqprop_hil.drivers.errors.InstanceChanged` even when a bridge hid the restart from the link."""
+
+    def instance_id(self) -> str:
+        """The instance id the board reports now (a fresh query): ``"9f2c4e1a07b3d5c8"``."""
+
+    @property
+    def bound_instance(self) -> str:
+        """The instance id this driver fences its commands with (set at open, changed only by rebind)."""
+
+    def rebind_instance(self) -> str:
+        """Bind to the board's current instance and return its id. Call it only after the weights the run needs
+        were re-programmed (or deliberately, for a fresh run); never to silence an InstanceChanged."""
+
+
+@runtime_checkable
+class NeuronArray(Described, Driven, Plastic, Fenced, Protocol):
     """Everything the trainer needs; usable as a context manager that closes the link (and leaves HOLD)."""
 
     def close(self) -> None:
@@ -147,3 +167,30 @@ class SampleRunner(Protocol):
 
     def infer(self, volts: np.ndarray, t1: int) -> np.ndarray:
         """Reset states, clamp the input, run ``t1`` free steps; returns the output state, volts, ``(n_out,)``."""
+
+
+class PulseUpdate(TypedDict, total=False):
+    """One matrix's update inside a compound step (:meth:`StepRunner.step`). Either ``counts`` (matrix mode) or
+    ``rows``/``cols``/``bit_length`` (outer mode)."""
+
+    edge: int  # edge index
+    feedback: bool  # True: the separate feedback matrix B_e of an untied board (default False)
+    counts: np.ndarray  # int8 signed pulse counts of the matrix's shape; sent sparse (most are 0)
+    rows: np.ndarray  # outer mode: row probabilities in [-1, 1], shape (n_dst,)
+    cols: np.ndarray  # outer mode: column probabilities in [-1, 1], shape (n_src,)
+    bit_length: int  # outer mode: length of the stochastic pulse trains
+
+
+@runtime_checkable
+class StepRunner(Protocol):
+    """Optional: one round trip per nudged step (analog ``STEP:NUDGed?``-style compound command, FPGA STEP opcode).
+
+    Differs from ``apply_pulses`` + ``settle`` + ``read_state`` in the number of round trips only: the board
+    applies every update (checked against the limits first, all or none), counts it as ONE pulse command in its
+    executed-command counter, runs ``steps`` steps in the current phase and returns the states. A repeated
+    request (same request id / sequence number) is answered from the board's cache, never executed twice.
+    """
+
+    def step(self, updates: list[PulseUpdate], steps: int = 1) -> tuple[PulseResult, list[np.ndarray]]:
+        """Apply ``updates`` (may be empty), settle ``steps`` steps, return (pulses fired, states of every layer
+        in volts, input first)."""
