@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from eqprop_hil.config import RunConfig
 from eqprop_hil.runs.rundir import DataCursor, RunDir
 from eqprop_hil.train import EpochTally, Summary, prepare_data, train
+
+log = logging.getLogger(__name__)
 
 
 class RunTelemetry:
@@ -41,6 +44,39 @@ class RunTelemetry:
         })
 
 
+MAX_ROLLBACKS = 20  # redo-from-checkpoint rounds per session before the run stops (a board that keeps restarting)
+
+
+def _train_with_rollbacks(cfg: RunConfig, learner: Any, data: Any, run: RunDir, *, resume: bool, **kw: Any) -> Summary:
+    """:func:`train`, redone from the last good checkpoint whenever the in-situ learner raises
+    :class:`~eqprop_hil.insitu.recovery.RollBack` (another instance answers, or an outer/local-mode sample
+    was interrupted): the checkpoint's weights are re-programmed and the data feed replays from its cursor,
+    exactly as ``--resume`` does, without training on. At the end the board's executed-command counter must
+    equal the journal's (:meth:`InSituLearner.finish`)."""
+    from eqprop_hil.insitu.recovery import RollBack
+
+    if cfg.instrument.resource == "software":
+        return train(cfg, learner, data, run, resume=resume, **kw)
+    for rounds in range(MAX_ROLLBACKS + 1):
+        try:
+            summary = train(cfg, learner, data, run, resume=resume, **kw)
+            if summary.status == "success":
+                learner.finish()
+            return summary
+        except RollBack as e:
+            if rounds == MAX_ROLLBACKS:
+                raise
+            has_checkpoint = bool(run.checkpoints())
+            log.warning("%s; redoing the run from %s", e,
+                        "its last checkpoint" if has_checkpoint else "the start (no checkpoint yet)")
+            learner.guard.stats["rollbacks"] += 1
+            learner.recover(e, has_checkpoint)
+            if not has_checkpoint:
+                run.rewind_metrics(0)
+            resume = True
+    raise AssertionError("unreachable")
+
+
 def run_training(cfg: RunConfig, run: RunDir, *, resume: bool = False, progress: bool = True) -> Summary:
     data = prepare_data(cfg)
     if cfg.instrument.resource == "software":
@@ -63,7 +99,8 @@ def run_training(cfg: RunConfig, run: RunDir, *, resume: bool = False, progress:
             print(f"telemetry: hil monitor {publisher.address} --snapshot {publisher.snapshot_address}", flush=True)
             publisher.start(cfg.name, config=cfg.to_dict(), instrument=snapshot, run_dir=str(run.path))
             telemetry = RunTelemetry(publisher, cfg.telemetry.every_samples, stats)
-        summary = train(cfg, learner, data, run, resume=resume, progress=progress, telemetry=telemetry, extra_stats=stats)
+        summary = _train_with_rollbacks(cfg, learner, data, run, resume=resume, progress=progress,
+                                        telemetry=telemetry, extra_stats=stats)
         status = "success" if summary.status == "success" else "abort"
         return summary
     except BaseException as e:

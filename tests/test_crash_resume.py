@@ -44,7 +44,7 @@ import numpy as np
 import pytest
 
 from eqprop_hil.drivers import open_array
-from eqprop_hil.insitu.journal import PulseJournal
+from eqprop_hil.insitu.journal import PulseJournal, iter_records
 from eqprop_hil.runs.rundir import RunDir
 
 SIZES = "64,16,10"
@@ -176,16 +176,9 @@ def hil(started: list[Process], *args: str, cwd: Path, crash_at: str | None = No
 
 
 def journal_records(path: Path) -> list[dict]:
-    """Complete records of a journal file (a torn last line is skipped, as the journal itself does)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_bytes().split(b"\n"):
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+    """Complete records of a journal, the archive of what checkpoints compacted away included (a torn last line
+    is skipped, as the journal itself does)."""
+    return iter_records(path)
 
 
 def furthest_sample(path: Path) -> int:

@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 import pytest
+
+from eqprop_hil.insitu.journal import iter_records
 import torch
 import torch.nn.functional as F
 
@@ -110,8 +112,9 @@ def test_resume_after_epoch_one_equals_straight_run(tmp_path) -> None:
     ma = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     mb = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["test_accuracy"] for x in ma] == [json.loads(x)["test_accuracy"] for x in mb]
-    journal = [json.loads(x) for x in (tmp_path / "split" / "journal.jsonl").read_text().splitlines()]
+    journal = iter_records(tmp_path / "split" / "journal.jsonl")  # archive (compacted at checkpoints) + live file
     assert journal and all(r["state"] in ("pending", "done") for r in journal)
+    assert [r["id"] for r in journal if r["state"] == "pending"] == list(range(1, len(journal) // 2 + 1))
 
 
 def test_wrongly_wired_instrument_is_refused_before_training(tmp_path) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import gzip
 import hashlib
 import json
 import logging
@@ -106,9 +107,13 @@ class PulseJournal:
         self.torn_tail = b""  # bytes of a torn final line found on open (reported, never parsed)
         self._next_id = 1
         self._pulses = 0  # device pulses the acknowledgements report, summed
+        self.compacted_below = 0  # records of ids below this were compacted away (archived) at a checkpoint
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            except OSError as e:  # read-only run directory, full disk: one line naming the file
+                raise JournalError(f"cannot open {self.path} for writing: {e.strerror or e}") from e
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -128,6 +133,9 @@ class PulseJournal:
                 continue
             try:
                 rec = json.loads(line)
+                if i == 0 and isinstance(rec, dict) and rec.get("state") == "compacted":
+                    self._load_header(rec)
+                    continue
                 jid, state = int(rec["id"]), rec["state"]
             except (ValueError, KeyError, TypeError) as e:
                 if i == len(lines) - 1:  # no newline after it: torn by a crash mid-write
@@ -136,6 +144,17 @@ class PulseJournal:
                     continue
                 raise JournalError(f"{self.path} line {i + 1} is not a journal record: {line[:120]!r}") from e
             self._apply(jid, state, rec, where=f"{self.path} line {i + 1}")
+        self._next_id = max(self._next_id, getattr(self, "_header_next_id", 0))
+
+    def _load_header(self, rec: dict) -> None:
+        """The first line of a compacted journal: the totals of the records compacted away."""
+        counts = rec["counts"]
+        for k in self._counts:
+            self._counts[k] += int(counts[k])
+        self._pulses += int(rec["pulses_acknowledged"])
+        self._next_id = max(self._next_id, int(rec["below"]))  # kept records (ids >= below) follow in order
+        self._header_next_id = int(rec["next_id"])
+        self.compacted_below = int(rec["below"])
 
     def _apply(self, jid: int, state: str, rec: dict, where: str) -> None:
         if state == "pending":
@@ -158,11 +177,17 @@ class PulseJournal:
         if self._fd is None:
             raise JournalError(f"{self.path} is open read-only or closed")
         data = "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n" for r in recs)
-        write_all(self._fd, data.encode("utf-8"))  # one write: no user-space buffer a crash could lose
+        try:
+            write_all(self._fd, data.encode("utf-8"))  # one write: no user-space buffer a crash could lose
+        except OSError as e:  # full disk, quota: one line naming the file (the command was not sent)
+            raise JournalError(f"cannot write {self.path}: {e.strerror or e}") from e
 
     def _sync(self) -> None:
         if self.fsync:
-            os.fsync(self._fd)
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise JournalError(f"cannot write {self.path}: {e.strerror or e}") from e
 
     def begin(self, entry: dict) -> int:
         """Record a pulse command about to be sent; returns its id once the record is on disk.
@@ -225,6 +250,70 @@ class PulseJournal:
             del self._pending[jid]
             self._counts[outcome] += 1
 
+    # compaction
+    @property
+    def archive_path(self) -> Path:
+        return self.path.with_name(self.path.name.replace(".jsonl", "") + ".archive.jsonl.gz")
+
+    def compact(self, below_id: int, *, archive: bool = True) -> int:
+        """Drop the settled records of commands with ids below ``below_id`` (no resume can need them: they
+        precede a checkpoint that is kept), keeping their totals in a header line so that
+        :meth:`applied_count` and the other counts still cover the whole run. With ``archive`` the dropped
+        lines are appended to ``journal.archive.jsonl.gz`` (for audit) before the live file is replaced.
+        Returns the bytes the live file shrank by. Bounded by the checkpoint interval, not the run's length."""
+        with self._lock:
+            if self._fd is None:
+                raise JournalError(f"{self.path} is open read-only or closed")
+            below_id = min(int(below_id), self._next_id)
+            if below_id <= self.compacted_below:
+                return 0
+            raw = self.path.read_bytes()
+            lines = [ln for ln in raw.split(b"\n") if ln.strip()]
+            header = {"state": "compacted", "t": time.time(), "below": below_id, "next_id": self._next_id,
+                      "counts": dict.fromkeys(self._counts, 0), "pulses_acknowledged": 0}
+            keep, gone = [], []
+            for n, line in enumerate(lines):
+                rec = json.loads(line)
+                if n == 0 and rec.get("state") == "compacted":
+                    for k in self._counts:
+                        header["counts"][k] += int(rec["counts"][k])
+                    header["pulses_acknowledged"] += int(rec["pulses_acknowledged"])
+                    continue
+                jid, state = int(rec["id"]), rec["state"]
+                if jid >= below_id or jid in self._pending:
+                    keep.append(line)
+                    continue
+                gone.append(line)
+                header["counts"]["begun" if state == "pending" else state] += 1
+                if state == "done":
+                    header["pulses_acknowledged"] += _ack_pulses(rec.get("ack"))
+            if not gone:
+                return 0
+            try:
+                if archive:
+                    with gzip.open(self.archive_path, "ab", compresslevel=6) as z:  # one gzip member per compaction
+                        z.write(b"\n".join(gone) + b"\n")
+                        z.flush()
+                        os.fsync(z.fileobj.fileno())  # type: ignore[union-attr]
+                data = json.dumps(header, separators=(",", ":")).encode() + b"\n" + b"".join(k + b"\n" for k in keep)
+                tmp = self.path.with_name(f".{self.path.name}.compact.tmp")
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                write_all(fd, data)
+                os.fsync(fd)
+                os.replace(tmp, self.path)
+                dfd = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except OSError as e:
+                raise JournalError(f"cannot compact {self.path}: {e.strerror or e}") from e
+            os.close(self._fd)
+            self._fd = fd
+            self.compacted_below = below_id
+            return len(raw) - len(data)
+
     # queries
     def pending(self) -> list[dict]:
         """Entries begun but neither done nor resolved, oldest first, with their arrays decoded (and the hash
@@ -274,3 +363,25 @@ class PulseJournal:
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
+
+
+def iter_records(path: str | os.PathLike, *, archived: bool = True) -> list[dict]:
+    """Every complete record of a journal, oldest first: the compressed archive (records compacted away at
+    checkpoints) then the live file, without the live file's header. For audits and tests."""
+    path = Path(path)
+    out: list[dict] = []
+    chunks = []
+    archive = path.with_name(path.name.replace(".jsonl", "") + ".archive.jsonl.gz")
+    if archived and archive.exists():
+        chunks.append(gzip.decompress(archive.read_bytes()))
+    if path.exists():
+        chunks.append(path.read_bytes())
+    for chunk in chunks:
+        for line in chunk.split(b"\n"):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # blank, or a torn last line
+            if isinstance(rec, dict) and "id" in rec:
+                out.append(rec)
+    return out

@@ -34,7 +34,7 @@ from eqprop_hil.insitu.calibration import Calibration, CalibrationError, EdgeCal
 from eqprop_hil.config import ConfigError, RunConfig
 from eqprop_hil.insitu.journal import PulseJournal
 from eqprop_hil.engine.model import Network
-from eqprop_hil.insitu.recovery import Guard, GuardedArray, RedoSample, entries_since
+from eqprop_hil.insitu.recovery import Guard, GuardedArray, RedoSample, RollBack, board_instance, entries_since
 from eqprop_hil.engine.rules import BatchResult
 from eqprop_hil.runs.rundir import RunDir
 
@@ -96,6 +96,7 @@ class InSituLearner:
         self._runner = isinstance(array, SampleRunner)
         self._applied: list[tuple[int, dict]] = []  # pulse commands of the sample in progress known to have run
         self._ckpt_params: dict | None = None
+        self._ckpt_ids: list[int] = []  # journal positions of the kept checkpoints (compaction keeps after the older)
         # Test hooks (tests/test_crash_resume.py): EQPROP_HIL_CRASH_AT="sample:step:edge" kills this process
         # with SIGKILL right after that pulse command was sent and acknowledged but before the journal's done;
         # "eval:N" kills it right after the N-th test sample this process evaluated (free phase only).
@@ -114,8 +115,12 @@ class InSituLearner:
         if cfg.instrument.use_recommended_gain:
             cfg = self._with_recommended_gain(cfg, calibration)
             self.cfg = cfg
+        topo = array.topology()
+        if [int(n) for n in cfg.model.sizes] != list(topo["sizes"]):  # before allocating: a huge model fails here
+            raise ConfigError(f"model.sizes = {list(cfg.model.sizes)} does not fit the instrument, wired as sizes="
+                              f"{list(topo['sizes'])}; start the emulator with matching options or change [model]")
         self.net = Network(cfg.model, seed=cfg.train.seed, dtype=torch.float64)  # initial weights, conventions
-        self._check_topology(array.topology())
+        self._check_topology(topo)
         if self.mode == "local" and self.rule.name == "ep":
             raise ConfigError("update_mode 'local' applies updates during the nudged phase: use rule cep or cvf")
         self.matrices = [(e, False) for e in range(len(self.net.edges))] + [
@@ -137,13 +142,42 @@ class InSituLearner:
         # Program the initial weights even on resume when there is no checkpoint: replaying from the start needs
         # them. A reboot during the set-up loses the volatile settings: set up again until the boot is stable.
         self.guard.boot = self.guard.read_boot()
+        self._check_settle_time()
+        if program_initial:  # a fresh run (or one without a checkpoint) owns whatever instance answers now
+            self.guard.bind()
+        else:  # resume: the instance is checked against the checkpoint's in _roll_back, before anything is sent
+            self.guard.instance = board_instance(array)
         self._setup(program=program_initial)
         self._settings_back()
         self.guard.sync()
         if resume and program_initial:  # no checkpoint to roll back to: the initial weights were programmed anew
             self._settle_pending()
+            self.guard.sync()
 
     # ------------------------------------------------------------------ set-up
+    def _check_settle_time(self) -> None:
+        """Refuse a settle the link's timeout cannot wait for (rule.t1, rule.t2 against instrument.timeout_s):
+        it would otherwise time out, be redone, and time out again. The board's time per step is measured with
+        a short settle in FREE (states only; weights untouched)."""
+        longest = max(self.rule.t1, self.rule.t2)
+        if longest <= 2000:
+            return
+        import time as _time
+
+        a, probe = self.dev, 500
+        a.reset()
+        a.set_phase("FREE")
+        t0 = _time.perf_counter()
+        a.settle(probe)
+        per_step = (_time.perf_counter() - t0) / probe
+        a.set_phase("HOLD")
+        need = per_step * longest
+        if need > 0.5 * self.cfg.instrument.timeout_s:
+            key = "rule.t1" if self.rule.t1 >= self.rule.t2 else "rule.t2"
+            raise ConfigError(f"{key} = {longest} steps takes about {need:.3g} s on this instrument ({1e6 * per_step:.3g}"
+                              f" us per step, measured), more than half of instrument.timeout_s = "
+                              f"{self.cfg.instrument.timeout_s:g} s: lower {key} or raise instrument.timeout_s")
+
     def _with_recommended_gain(self, cfg: RunConfig, calibration: Calibration | None) -> RunConfig:
         if calibration is None or calibration.recommended_gain is None:
             raise ConfigError("use_recommended_gain needs a calibration file with a recommended gain (hil calibrate)")
@@ -301,6 +335,9 @@ class InSituLearner:
                 commands.extend(self._outer_commands(e, fb, term))
                 continue
             inc = self._dense(term)
+            if not np.isfinite(inc).all():
+                raise LinkError(f"sample {self.samples_seen} step {step}: edge {e}{' (feedback)' if fb else ''} has a "
+                                "non-finite increment (NaN or inf from the states read back); nothing was sent")
             up, down = self._steps[(e, fb)]
             quanta = np.where(inc >= 0, inc / up, inc / down)
             floor = np.floor(quanta)
@@ -346,9 +383,10 @@ class InSituLearner:
                 why = "the instrument rebooted during the sample"
             except RedoSample as e:
                 why = str(e)
+            self.guard.check_instance(f"sample {self.samples_seen}")
             if self.mode == "local":
-                raise LinkError(f"sample {self.samples_seen}: {why}; the board's own updates of a local-mode sample "
-                                "cannot be undone: resume from the last checkpoint (hil train --resume RUN_DIR)")
+                raise RollBack(f"sample {self.samples_seen}: {why}; the board's own updates of a local-mode sample "
+                               "cannot be undone: re-programming the last checkpoint's weights and redoing from there")
             self.guard.stats["redos"] += 1
             log.warning("sample %d redone: %s", self.samples_seen, why)
             self._settings_back()
@@ -369,6 +407,9 @@ class InSituLearner:
             if nu == 0 or nv == 0 or coef == 0:
                 continue
             k = abs(coef) * nu * nv / (dw * bl)  # wanted max pulse probability product
+            if not (np.isfinite(k) and np.isfinite(u).all() and np.isfinite(v).all()):
+                raise LinkError(f"sample {self.samples_seen}: edge {e} has a non-finite outer-mode increment; "
+                                "nothing was sent")
             if k < 1e-12:
                 continue
             if k > 1.0:  # more than one pulse per slot wanted: the trains saturate and deliver less
@@ -406,7 +447,11 @@ class InSituLearner:
         return BatchResult(float(loss.mean()), int((pred == y.argmax(axis=1)).sum()), torch.from_numpy(pred))
 
     def parameters_for_checkpoint(self) -> dict[str, torch.Tensor]:
-        """Weights read back from the instrument (the truth), by the software network's names."""
+        """Weights read back from the instrument (the truth), by the software network's names. First the board
+        must still be the run's instance (a blank board's weights must never become a checkpoint) and its
+        executed-command counter must agree with the journal (:meth:`Guard.reconcile`)."""
+        self.guard.check_instance("checkpoint")
+        self.guard.reconcile("checkpoint")
         return {f"{'B' if fb else 'W'}{e}": torch.from_numpy(self.dev.read_weights(e, feedback=fb).copy())
                 for e, fb in self.matrices}
 
@@ -415,26 +460,46 @@ class InSituLearner:
         with the journal position and the instrument's pulse-command count at the checkpoint) rolls back."""
         self._ckpt_params = params
 
-    def _roll_back(self, params: dict[str, torch.Tensor], first_id: int | None, executed: int | None) -> None:
+    def _roll_back(self, params: dict[str, torch.Tensor], first_id: int | None, executed: int | None,
+                   instance: str | None) -> None:
         """Bring the instrument back to the checkpoint, then the data feed replays from its cursor.
 
-        Every pulse command journaled after the checkpoint is settled first: acknowledged ones ran; of the
-        pending ones (a crash between send and acknowledgement) the instrument's executed-command counter says
-        how many ran, and they ran in id order. Those that ran are undone with negated counts, exact on ideal
-        devices (hil/insitu/recovery.py), so the replay starts from exactly the checkpoint's conductances. A remaining
-        difference (real devices, or a checkpoint without the counter) is written over by write-verify
-        programming: exact to the programming tolerance."""
+        The board must be the instance the checkpoint was taken on: another one (restarted, swapped) holds
+        other weights and its counter proves nothing, so its weights are re-programmed from the checkpoint and
+        the driver rebound. On the same instance every pulse command journaled after the checkpoint is settled
+        first: acknowledged ones ran; of the pending ones (a crash between send and acknowledgement) the
+        instrument's executed-command counter says how many ran, and they ran in id order. A counter the journal
+        cannot explain stops the run (:class:`ReconcileError`, both counts named). Matrix commands that ran are
+        undone with negated counts, exact on ideal devices (hil/insitu/recovery.py); outer-mode trains are drawn
+        on the device and local-mode updates are the board's own, so those modes (and a journal compacted past
+        the checkpoint) re-program the checkpoint's weights instead: exact to the programming tolerance."""
+        from eqprop_hil.insitu.recovery import ReconcileError
+
+        now_instance = board_instance(self.array)
+        same = instance is None or now_instance is None or now_instance == instance
+        if not same:
+            log.warning("resume: the instrument is instance %s, the checkpoint was taken on instance %s: its weights "
+                        "are not the run's; re-programming the checkpoint's weights", now_instance, instance)
+        reprogram_all = not same
         ran = -1
-        if first_id is not None and executed is not None:
+        if same and first_id is not None and executed is not None and first_id >= self.journal.compacted_below:
             since = entries_since(self.journal.path, first_id)
             known = [(jid, e) for jid, e, state in since if state in ("done", "applied")]
             pending = [(jid, e) for jid, e, state in since if state == "pending"]
             now = self.guard.executed()
-            ran = now - executed - len(known)
-            if not 0 <= ran <= len(pending):
-                log.warning("resume: the instrument executed %d pulse commands since the checkpoint, the journal "
-                            "knows %d and %d pending: another (or a fresh) instrument; re-programming the "
-                            "checkpoint's weights instead", now - executed, len(known), len(pending))
+            if instance is None and now < executed:  # no instance ids: a counter that went back is another board
+                log.warning("resume: the instrument's executed-command counter reads %d, at the checkpoint it read "
+                            "%d: another (or a restarted) instrument; re-programming the checkpoint's weights",
+                            now, executed)
+                reprogram_all = True
+            elif not executed + len(known) <= now <= executed + len(known) + len(pending):
+                raise ReconcileError(
+                    f"resume: the instrument reports {now} executed pulse commands; at the checkpoint it reported "
+                    f"{executed}, and the journal has {len(known)} commands known to have run since and {len(pending)} "
+                    f"pending, so it should report {executed + len(known)} to {executed + len(known) + len(pending)}; "
+                    "an update may have been lost or doubled: the run stops (check the instrument and the journal)")
+            else:
+                ran = now - executed - len(known)
         if ran >= 0:
             for k, (jid, _) in enumerate(pending):
                 self.journal.resolve(jid, "applied" if k < ran else "not_applied", {
@@ -442,16 +507,44 @@ class InSituLearner:
                     "at_checkpoint": executed, "acknowledged_since": len(known), "pending_that_ran": ran})
             self.guard.expected = now
             applied = sorted(known + pending[:ran], key=lambda t: t[0])
-            self.guard.undo(applied, self._fire, {"sample": -1, "step": -1, "resume": True})
-        else:
-            for entry in self.journal.pending():
-                self.journal.resolve(entry["id"], "not_applied",
-                                     {"policy": "rolled back to the checkpoint by re-programming the weights"})
+            if self.mode == "matrix" and all(e.get("mode") == "matrix" for _, e in applied):
+                self.guard.undo(applied, self._fire, {"sample": -1, "step": -1, "resume": True})
+        if same and not reprogram_all:
+            self._settle_pending()  # a journal compacted past the checkpoint: pending entries by the counter
+        for entry in self.journal.pending():
+            self.journal.resolve(entry["id"], "not_applied",
+                                 {"policy": "another instance: rolled back by re-programming the checkpoint's weights"})
+        if not same:  # a blank board: settings first (the weight mapping), then the weights, then the counters
+            self.guard.bind()
+            self._setup(program=False)
+            self._settings_back()
         for e, fb in self.matrices:
             target = params[f"{'B' if fb else 'W'}{e}"].numpy()
-            current = self.dev.read_weights(e, feedback=fb)
-            if np.max(np.abs(current - target)) > 0:
+            if np.max(np.abs(self.dev.read_weights(e, feedback=fb) - target)) > 0:
                 self._program(e, fb, target)
+        self.guard.sync()
+        self.guard.check_instance("resume")
+        self._ckpt_ids = [first_id] if first_id is not None else []
+
+    def recover(self, error: RollBack, has_checkpoint: bool) -> None:
+        """Before the session redoes the run from its last checkpoint (hil/session.py): a lost instance is
+        rebound and set up again; without a checkpoint the initial weights are programmed and the run restarts
+        from sample 0 (pending journal entries settled as not applied: the weights were written over)."""
+        for entry in self.journal.pending():
+            self.journal.resolve(entry["id"], "not_applied", {"policy": f"redo from the checkpoint: {error}"[:300]})
+        if has_checkpoint:
+            return  # load_state_dict -> _roll_back re-programs and rebinds
+        self.guard.bind()
+        self.samples_seen = 0
+        self.counters = {"pulses_sent": 0, "pulse_commands": 0, "clipped": 0}
+        self._setup(program=True)
+        self._settings_back()
+        self.guard.sync()
+
+    def finish(self) -> None:
+        """At the end of a run: the same instance, and the board's counter equal to the journal's."""
+        self.guard.check_instance("end of run")
+        self.guard.reconcile("end of run")
 
     def _settle_pending(self) -> None:
         """Resume without a checkpoint: the weights were re-programmed, nothing is undone, but the journal must
@@ -477,8 +570,17 @@ class InSituLearner:
                 "executed_counter": now, "executed_before": before})
 
     def state_dict(self) -> dict:
+        """Called at every checkpoint (after :meth:`parameters_for_checkpoint` reconciled the counts). The
+        journal is compacted below the previous checkpoint's position: the kept checkpoints need nothing older."""
+        ids = self._ckpt_ids
+        if ids:
+            freed = self.journal.compact(ids[-1])
+            if freed:
+                log.info("journal compacted below id %d (%d bytes archived)", ids[-1], freed)
+        self._ckpt_ids = [*ids[-1:], self.journal.next_id]
         return {"samples_seen": self.samples_seen, "counters": dict(self.counters),
-                "journal_next_id": self.journal.next_id, "executed_pulse_commands": self.guard.expected}
+                "journal_next_id": self.journal.next_id, "executed_pulse_commands": self.guard.expected,
+                "instance": self.guard.instance, "reconcile_base": list(self.guard.base)}
 
     def load_state_dict(self, state: dict) -> None:
         self.samples_seen = int(state["samples_seen"])
@@ -490,7 +592,8 @@ class InSituLearner:
             self.array.limits = dataclasses.replace(self.array.limits, pulse_budget=left)
         if self._ckpt_params is not None:
             params, self._ckpt_params = self._ckpt_params, None
-            self._roll_back(params, state.get("journal_next_id"), state.get("executed_pulse_commands"))
+            self._roll_back(params, state.get("journal_next_id"), state.get("executed_pulse_commands"),
+                            state.get("instance"))
 
     def recovery_stats(self) -> dict:
         """What the resilience layer did (hil/insitu/recovery.py Guard.stats)."""

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from eqprop_hil.drivers.errors import DeviceRestarted, InstrumentError, LinkError, ReplyError
+from eqprop_hil.drivers.errors import DeviceRestarted, DriverError, InstanceChanged, InstrumentError, LinkError, ReplyError
 from eqprop_hil.insitu.journal import PulseJournal
 from eqprop_hil.protocols.scpi_integrity import INTEGRITY_ERROR
 
@@ -42,6 +42,36 @@ BUSY = 140  # analog board: "device busy; command not executed" (protocols/analo
 
 class RedoSample(Exception):
     """The sample in progress cannot be trusted (reboot, or a non-idempotent step whose fate is unknown)."""
+
+
+class RollBack(DriverError):
+    """The instrument's state since the last checkpoint cannot be repaired in place: another instance answers
+    (restarted, power-cycled or swapped: its weights are not the run's), or a sample of a mode whose updates
+    cannot be undone (outer, local) was interrupted. The session re-programs the last good checkpoint's weights
+    and redoes the run from there (hil/session.py); never train on. ``instance_changed``: the weights are gone."""
+
+    def __init__(self, message: str, *, instance_changed: bool = False) -> None:
+        super().__init__(message)
+        self.instance_changed = instance_changed
+
+
+class ReconcileError(DriverError):
+    """The board's executed-command counter and the journal disagree in a way the journal cannot explain: an
+    update may have been lost or doubled, so the run stops. The message names both counts."""
+
+
+def board_instance(array: Any) -> str | None:
+    """The instance id the board reports now (a fresh query where the driver is fenced), or None for a board
+    or driver without instance identity."""
+    query = getattr(array, "instance_id", None)
+    if callable(query):
+        return str(query())
+    try:
+        ident = array.identity()
+    except Exception:  # an identity query that fails here is retried by the caller's own next command
+        return None
+    value = ident.get("instance") if isinstance(ident, dict) else None
+    return str(value) if value else None
 
 
 def transient(error: BaseException) -> bool:
@@ -66,10 +96,46 @@ class Guard:
         self.array, self.journal = array, journal
         self.retries, self.backoff_s = int(retries), float(backoff_s)
         self.stats = dict.fromkeys(("retries", "resent", "found_applied", "found_not_applied", "redos", "reboots",
-                                    "undo_commands"), 0)
+                                    "undo_commands", "rollbacks"), 0)
         self.expected = 0  # pulse commands the instrument should have executed (its counter's value)
         self.boot: int | None = None
         self.restarted = False  # a reboot was seen while sending pulses: the sample must be redone
+        self.instance: str | None = None  # the power-up instance the run's weights live on (None: not reported)
+        self.base = (0, 0)  # (board counter, journal applied count) when the counter was last taken as reference
+
+    # ------------------------------------------------------------------ instance identity and reconciliation
+    def bind(self) -> None:
+        """Take the board's current instance as the run's (at open, and after its weights were re-programmed)."""
+        rebind = getattr(self.array, "rebind_instance", None)
+        self.instance = str(rebind()) if callable(rebind) else board_instance(self.array)
+
+    def instance_lost(self) -> str:
+        """'' while the board is the bound instance; else a sentence naming both ids. Asked after every
+        recovery: a bridge or gateway can hide a restart behind a link that never dropped."""
+        if self.instance is None:
+            return ""
+        now = self.retry(lambda: board_instance(self.array), "instance id")
+        return "" if now in (None, self.instance) else (
+            f"the instrument is instance {now}, the run's weights were on instance {self.instance}")
+
+    def check_instance(self, where: str) -> None:
+        lost = self.instance_lost()
+        if lost:
+            raise RollBack(f"{where}: {lost}", instance_changed=True)
+
+    def reconcile(self, where: str) -> int:
+        """Compare the board's executed-command counter with the journal; a difference stops the run
+        (:class:`ReconcileError` naming both counts). Returns the counter."""
+        now = self.executed()
+        board0, journal0 = self.base
+        journal_says = board0 + self.journal.applied_count() - journal0
+        if not now == self.expected == journal_says:
+            raise ReconcileError(
+                f"reconciliation at {where}: the instrument reports {now} executed pulse commands, the journal "
+                f"accounts for {journal_says} ({self.journal.applied_count()} applied in the journal, reference "
+                f"{board0} on the board and {journal0} in the journal) and this session expects {self.expected}; "
+                "an update may have been lost or doubled: the run stops (check the instrument and the journal)")
+        return now
 
     # ------------------------------------------------------------------ probes of the instrument
     def executed(self) -> int:
@@ -91,6 +157,7 @@ class Guard:
         """Take the instrument's counters as the reference (at start-up and after every recovery)."""
         self.expected = self.executed()
         self.boot = self.read_boot()
+        self.base = (self.expected, self.journal.applied_count())
 
     def rebooted(self) -> bool:
         """True once per reboot that happened since the last :meth:`sync` / :meth:`rebooted`."""
@@ -108,6 +175,8 @@ class Guard:
         for attempt in range(self.retries + 1):
             try:
                 return operation()
+            except InstanceChanged as e:  # refused, nothing executed: the weights are gone, retrying cannot help
+                raise RollBack(f"{what}: {e}", instance_changed=True) from e
             except DeviceRestarted:  # the link syncs again by itself; the sample around this must be redone
                 self.stats["reboots"] += 1
                 self.restarted = True
@@ -124,6 +193,8 @@ class Guard:
         """A non-idempotent operation (settle): any transient failure makes the sample untrustworthy."""
         try:
             return operation()
+        except InstanceChanged as e:
+            raise RollBack(f"{what}: {e}", instance_changed=True) from e
         except (LinkError, ReplyError, InstrumentError, DeviceRestarted) as e:
             if not transient(e):
                 raise
@@ -142,11 +213,20 @@ class Guard:
         for attempt in range(self.retries + 1):
             try:
                 ack = fire()
+            except InstanceChanged as e:  # fenced: the board refused it, nothing executed
+                self.journal.resolve(jid, "not_applied", {"error": str(e)[:300], "policy": "refused: instance changed"})
+                raise RollBack(f"pulse command {jid}: {e}", instance_changed=True) from e
             except (LinkError, ReplyError, InstrumentError, DeviceRestarted) as e:
                 if not transient(e):
                     self.journal.resolve(jid, "not_applied", {"error": str(e), "policy": "refused by the instrument"})
                     raise
                 restarted = restarted or isinstance(e, DeviceRestarted)
+                lost = self.instance_lost()
+                if lost:  # the counter belongs to another power-up: it proves nothing about this command
+                    self.journal.resolve(jid, "not_applied", {"error": f"{type(e).__name__}: {e}"[:300],
+                                                               "policy": f"instance changed ({lost}); the run "
+                                                               "re-programs the checkpoint's weights"})
+                    raise RollBack(f"pulse command {jid}: {lost}", instance_changed=True) from e
                 now = self.executed()
                 evidence = {"error": f"{type(e).__name__}: {e}"[:300], "executed_counter": now,
                             "expected_before": self.expected, "attempt": attempt + 1}
@@ -157,8 +237,9 @@ class Guard:
                     break
                 if now != self.expected:
                     self.journal.resolve(jid, "not_applied", {**evidence, "verdict": "counter inconsistent"})
-                    raise LinkError(f"pulse command {jid}: the instrument executed {now - self.expected} commands "
-                                    f"since the last known count ({self.expected}); stop and reconcile") from e
+                    raise ReconcileError(f"pulse command {jid}: the instrument's executed-command counter reads {now}, "
+                                         f"the journal expects {self.expected} or {self.expected + 1}; stop and "
+                                         "reconcile") from e
                 self.stats["found_not_applied"] += 1
                 if attempt == self.retries:
                     self.journal.resolve(jid, "not_applied", {**evidence, "verdict": "never executed, gave up"})
@@ -179,8 +260,8 @@ class Guard:
         removed from ``applied`` once undone, so a reboot during the undo loses nothing."""
         for jid, c in reversed(applied):
             if c["mode"] != "matrix":
-                raise LinkError(f"cannot undo outer-mode command {jid} (its pulse trains are drawn on the device); "
-                                "resume from the last checkpoint instead")
+                raise RollBack(f"outer-mode command {jid} cannot be undone (its pulse trains are drawn on the "
+                               "device): re-programming the last checkpoint's weights and redoing from there")
             neg = {"edge": c["edge"], "feedback": c["feedback"], "mode": "matrix",
                    "counts": (-c["counts"].astype(np.int16)).astype(np.int8)}
             [uid] = self.journal.begin_many([{**base, **neg, "undo_of": jid, "executed_before": self.expected}])

@@ -6,6 +6,7 @@ records' error type lives here too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -39,18 +40,25 @@ os.umask(_UMASK)  # read the process umask once (os.umask can only be read by se
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``path`` so that it holds either the old or the new content, never a torn mix (temp + fsync + replace)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; run records are for the whole lab to read
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:  # read-only directory, full disk, quota: one line that names the file
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
+        raise RunError(f"cannot write {path}: {e.strerror or e}") from e
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
 
 
 def write_all(fd: int, data: bytes) -> None:

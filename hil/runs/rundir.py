@@ -20,9 +20,11 @@ it loads with ``torch.load(weights_only=True)``: nothing in it can run code. num
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -41,7 +43,7 @@ __all__ = ["RunError", "RunDir", "DataCursor", "capture_rng_state", "restore_rng
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: a sha256 manifest beside every checkpoint
 _CKPT_RE = re.compile(r"ckpt-(\d{8})\.pt")
 
 
@@ -264,13 +266,17 @@ class RunDir:
     def append_metrics(self, record: dict) -> None:
         """Append one record as one line, flushed and fsynced: a crash loses at most the line being written."""
         line = (json.dumps(to_json_safe(record), allow_nan=False, separators=(",", ":")) + "\n").encode("utf-8")
-        fd = os.open(self.path / self.METRICS, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        path = self.path / self.METRICS
         try:
-            drop_torn_tail(fd, self.path / self.METRICS)
-            write_all(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                drop_torn_tail(fd, path)
+                write_all(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:  # read-only directory, full disk: one line naming the file
+            raise RunError(f"cannot write {path}: {e.strerror or e}") from e
 
     def read_metrics(self) -> list[dict]:
         """All complete records. A torn last line (crash mid-write) is skipped with a warning; a bad line
@@ -308,11 +314,15 @@ class RunDir:
         return sorted(found, key=lambda p: int(_CKPT_RE.fullmatch(p.name).group(1)))
 
     def save_checkpoint(self, state: dict) -> Path:
-        """Write a self-contained checkpoint atomically; keep it and the previous one.
+        """Write a self-contained checkpoint atomically, then its manifest; keep it and the previous one.
 
         ``state`` holds what resume needs (weights read back, optimiser, ``cursor``, step...). Filled in when
         absent: ``config`` (from config.toml) and ``rng`` (:func:`capture_rng_state` now). Added always:
         ``run_records = {"metrics_records": n}`` so that resume can :meth:`rewind_metrics`.
+
+        The manifest ``ckpt-N.pt.sha256`` (JSON) is written *last*: the sha256 of the checkpoint file and of
+        every tensor and of the rest of the state. A checkpoint without a valid manifest was never completed or
+        was damaged on disk; :meth:`load_checkpoint` names it and falls back to the previous one.
         """
         import torch
 
@@ -325,34 +335,110 @@ class RunDir:
         existing = self.checkpoints()
         seq = int(_CKPT_RE.fullmatch(existing[-1].name).group(1)) + 1 if existing else 1
         target = self.checkpoint_dir / f"ckpt-{seq:08d}.pt"
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot write {self.checkpoint_dir}: {e.strerror or e}") from e
         buf = io.BytesIO()
         torch.save(payload, buf)
-        atomic_write_bytes(target, buf.getvalue())  # temp file, fsync, rename: never a torn checkpoint
+        data = buf.getvalue()
+        atomic_write_bytes(target, data)  # temp file, fsync, rename: never a torn checkpoint
+        manifest = {"file": target.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                    **state_digests(payload["state"])}
+        atomic_write_bytes(_manifest_path(target), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
         for old in self.checkpoints()[: -self.KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
+            _manifest_path(old).unlink(missing_ok=True)
         return target
 
-    def load_checkpoint(self, *, fallback: bool = False) -> dict | None:
-        """The latest checkpoint's state, or None if the run has none. A corrupt latest raises :class:`RunError`
-        naming it; with ``fallback=True`` the previous one is used instead (with a warning)."""
+    def verify_checkpoint(self, path: Path) -> dict:
+        """Load one checkpoint and check it against its manifest; returns its state or raises :class:`RunError`
+        naming the file and what is wrong (no manifest, file hash, which tensor, learner state)."""
         import torch
 
+        mpath = _manifest_path(path)
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+            want_file, want_tensors, want_rest = manifest["sha256"], manifest["tensors"], manifest["state"]
+        except FileNotFoundError as e:
+            raise RunError(f"{path} has no manifest {mpath.name} (its save never completed)") from e
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RunError(f"{path}: its manifest {mpath.name} is unreadable ({type(e).__name__}: {e})") from e
+        data = path.read_bytes()
+        file_ok = hashlib.sha256(data).hexdigest() == want_file
+        try:
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many kinds (pickle, zip, runtime) for a damaged file
+            raise RunError(f"{path} is corrupt: sha256 {'matches' if file_ok else 'differs from'} the manifest, "
+                           f"and it does not load ({type(e).__name__}: {str(e)[:120]})") from e
+        if not isinstance(payload, dict) or payload.get("format") != "eqprop-hil-checkpoint":
+            raise RunError(f"{path} is not an eqprop-hil checkpoint")
+        if payload.get("version") != CHECKPOINT_VERSION:
+            raise RunError(f"{path}: version {payload.get('version')!r}, this code reads {CHECKPOINT_VERSION}")
+        have = state_digests(payload["state"])
+        bad = sorted(k for k in set(want_tensors) | set(have["tensors"])
+                     if want_tensors.get(k) != have["tensors"].get(k))
+        if bad:
+            raise RunError(f"{path} is corrupt: tensor(s) {', '.join(bad[:5])} fail their sha256 in {mpath.name}")
+        if have["state"] != want_rest:
+            raise RunError(f"{path} is corrupt: the learner/loop state fails its sha256 in {mpath.name}")
+        if not file_ok:
+            raise RunError(f"{path} is corrupt: its sha256 differs from {mpath.name}")
+        return payload["state"]
+
+    def load_checkpoint(self, *, fallback: bool = False) -> dict | None:
+        """The latest checkpoint's state, verified against its manifest, or None if the run has none.
+
+        A bad latest raises :class:`RunError` naming it; with ``fallback=True`` it is renamed ``*.corrupt`` (kept
+        for inspection, out of the rotation) and the previous good one is used, with a warning naming both."""
         candidates = self.checkpoints()[::-1]
         errors = []
         for path in candidates if fallback else candidates[:1]:
             try:
-                payload = torch.load(path, map_location="cpu", weights_only=True)
-                if not isinstance(payload, dict) or payload.get("format") != "eqprop-hil-checkpoint":
-                    raise RunError("not an eqprop-hil checkpoint")
-                if payload.get("version") != CHECKPOINT_VERSION:
-                    raise RunError(f"version {payload.get('version')!r}, this code reads {CHECKPOINT_VERSION}")
-                if errors:
-                    log.warning("using the previous checkpoint %s: %s", path, "; ".join(errors))
-                return payload["state"]
-            except Exception as e:  # torch raises many kinds (pickle, zip, runtime) for a damaged file
-                errors.append(f"{path} is corrupt ({type(e).__name__}: {e})")
+                state = self.verify_checkpoint(path)
+            except RunError as e:
+                errors.append(str(e))
+                if fallback:
+                    for p in (path, _manifest_path(path)):
+                        if p.exists():
+                            p.replace(p.with_name(p.name + ".corrupt"))
+                continue
+            if errors:
+                log.warning("using the previous checkpoint %s: %s", path, "; ".join(errors))
+            self.fallback_errors = errors
+            return state
         if errors:
             hint = "" if fallback or len(candidates) < 2 else f"; the previous one is {candidates[1]} (fallback=True)"
-            raise RunError("; ".join(errors) + hint)
+            raise RunError("; ".join(errors) + hint + ("; no good checkpoint left" if fallback else ""))
         return None
+
+
+def _manifest_path(ckpt: Path) -> Path:
+    return ckpt.with_name(ckpt.name + ".sha256")
+
+
+def state_digests(state: Any) -> dict:
+    """``{"tensors": {path: sha256}, "state": sha256}``: every tensor of a checkpoint state by its path
+    (``parameters.W0``), hashed over dtype, shape and bytes, and the rest (plain values) hashed as canonical JSON."""
+    import torch
+
+    tensors: dict[str, str] = {}
+
+    def walk(obj: Any, where: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().contiguous().cpu()
+            h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            tensors[where] = h.hexdigest()
+            return f"<tensor {where}>"
+        if isinstance(obj, dict):
+            return {str(k): walk(v, f"{where}.{k}" if where else str(k)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return repr(obj)
+        return obj
+
+    rest = walk(state, "")
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), default=repr)
+    return {"tensors": tensors, "state": hashlib.sha256(text.encode()).hexdigest()}
