@@ -182,6 +182,39 @@ def _build(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(f"[{path or 'top level'}]: {e}") from e
 
 
+# Every float of a config is finite and within ABSURD of zero; these keys have tighter, physical ranges
+# (inclusive; a value outside names its key). A rate of 1e30 or a weight range of 1e9 is a typo, not a setting.
+ABSURD = 1e6
+FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "rule.lr": (0.0, 10.0),
+    "rule.lr_readout": (0.0, 10.0),
+    "rule.beta": (-10.0, 10.0),
+    "rule.control_epsilon": (0.0, 1.0),
+    "model.init_gain": (0.0, 100.0),
+    "instrument.timeout_s": (1e-3, 3600.0),
+    "instrument.input_volts": (1e-6, 100.0),
+    "instrument.weight_range": (1e-3, 1000.0),
+    "instrument.program_tolerance": (1e-6, 1.0),
+    "instrument.limits.max_input_volts": (1e-6, 100.0),
+    "instrument.limits.max_nudge_amperes": (1e-12, 1.0),
+}
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "rule.t1": (1, 100_000),  # settle steps; the in-situ learner also checks them against instrument.timeout_s
+    "rule.t2": (1, 100_000),
+    "model.sizes": (1, 1_000_000),
+}
+
+
+def _sane_float(key: str, value: float) -> float:
+    """Refuse NaN, infinities and absurd magnitudes before any of them can reach an instrument, naming the key."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} = {value!r}: must be a finite number")
+    lo, hi = FLOAT_RANGES.get(key.split("[")[0], (-ABSURD, ABSURD))
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key} = {value!r}: must be in [{lo:g}, {hi:g}]")
+    return value
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -209,10 +242,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return _sane_float(key, float(value))
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        lo, hi = INT_RANGES.get(key.split("[")[0], (-(2**31), 2**31 - 1))
+        if not lo <= value <= hi:
+            raise ConfigError(f"{key} = {value}: must be in {lo}..{hi}")
         return value
     if tp in (str, bool):
         if not isinstance(value, tp):

@@ -164,16 +164,21 @@ class InSituLearner:
             return
         import time as _time
 
-        a, probe = self.dev, 500
+        a, probe = self.dev, 200
+        key = "rule.t1" if self.rule.t1 >= self.rule.t2 else "rule.t2"
         a.reset()
         a.set_phase("FREE")
         t0 = _time.perf_counter()
-        a.settle(probe)
+        try:
+            a.settle(probe)
+        except RedoSample as e:
+            raise ConfigError(f"{key} = {longest} steps: even {probe} steps outlast instrument.timeout_s = "
+                              f"{self.cfg.instrument.timeout_s:g} s on this instrument ({e}); lower {key} or raise "
+                              "instrument.timeout_s") from e
         per_step = (_time.perf_counter() - t0) / probe
         a.set_phase("HOLD")
         need = per_step * longest
         if need > 0.5 * self.cfg.instrument.timeout_s:
-            key = "rule.t1" if self.rule.t1 >= self.rule.t2 else "rule.t2"
             raise ConfigError(f"{key} = {longest} steps takes about {need:.3g} s on this instrument ({1e6 * per_step:.3g}"
                               f" us per step, measured), more than half of instrument.timeout_s = "
                               f"{self.cfg.instrument.timeout_s:g} s: lower {key} or raise instrument.timeout_s")
