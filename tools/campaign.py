@@ -208,6 +208,16 @@ class Trial:
     rate: float = 0.0
     events: int = 0  # process faults per trial
     seed: int = 0
+    rates: dict | None = None  # "mixed": several proxy kinds at once
+    process: str = ""  # "mixed": a process fault kind as well
+
+    @property
+    def proxy_rates(self) -> dict:
+        return self.rates or ({self.fault: self.rate} if self.fault in PROXY_KINDS else {})
+
+    @property
+    def process_kind(self) -> str:
+        return self.process or (self.fault if self.fault in PROCESS_KINDS else "")
 
 
 def _flip_checkpoint(run: Path, rng: random.Random) -> bool:
@@ -245,10 +255,10 @@ def run_trial(t: Trial, work: Path, reference: dict | None, ref_seconds: float) 
     injected: dict[str, int] = {}
     attempts, errors, started = 0, [], time.monotonic()
     try:
-        if t.fault in PROXY_KINDS:
-            proxy = FaultProxy(emu, {t.fault: t.rate}, t.seed, work / "proxy.json")
-        elif t.fault in ("emulator_kill", "emulator_stop"):
-            proxy = FaultProxy(emu, {}, t.seed, work / "proxy.json", hold_client=True)
+        kind = t.process_kind
+        if t.proxy_rates or kind in ("emulator_kill", "emulator_stop"):
+            proxy = FaultProxy(emu, t.proxy_rates, t.seed, work / "proxy.json",
+                               hold_client=kind in ("emulator_kill", "emulator_stop"))
         resource = proxy.resource if proxy else emu.resource
         first = ["--preset", "digits-hw", "--config", str(work / "small.toml"), "--instrument", resource,
                  "--run-dir", str(run)]
@@ -278,14 +288,15 @@ def run_trial(t: Trial, work: Path, reference: dict | None, ref_seconds: float) 
                 errors.append(line[-400:])
                 if len(errors) >= 3 and errors[-1] == errors[-2] == errors[-3]:
                     break  # the same refusal three times: the run stops, as it should
-            if t.fault in ("checkpoint_flip", "journal_torn") and rc == -signal.SIGKILL:
-                done = _flip_checkpoint(run, rng) if t.fault == "checkpoint_flip" else _tear_journal(run)
-                injected[t.fault] = injected.get(t.fault, 0) + int(done)
+            if kind in ("checkpoint_flip", "journal_torn") and rc == -signal.SIGKILL:
+                done = _flip_checkpoint(run, rng) if kind == "checkpoint_flip" else _tear_journal(run)
+                injected[kind] = injected.get(kind, 0) + int(done)
         if proxy:
             for k, v in proxy.injected().items():
                 if ":" not in k:
                     injected[k] = injected.get(k, 0) + v
         row = {"transport": t.transport, "mode": t.mode, "fault": t.fault, "rate": t.rate, "seed": t.seed,
+               "rates": t.proxy_rates, "process": t.process_kind,
                "injected": sum(v for k, v in injected.items() if k != "upstream_reopened"),
                "injected_by_kind": injected, "trainer_starts": attempts, "exit": rc,
                "errors": errors[-2:], "seconds": round(time.monotonic() - started, 1)}
@@ -328,20 +339,21 @@ def run_trial(t: Trial, work: Path, reference: dict | None, ref_seconds: float) 
 
 def _process_fault(t: Trial, emu: Emulator, proc: subprocess.Popen, run: Path, rng: random.Random,
                    injected: dict) -> None:
-    if t.fault == "emulator_kill":
+    kind = t.process_kind
+    if kind == "emulator_kill":
         emu.kill()
         time.sleep(rng.uniform(0.05, 0.3))
         emu.start()
-    elif t.fault == "emulator_stop":
+    elif kind == "emulator_stop":
         emu.signal(signal.SIGSTOP)
         time.sleep(rng.uniform(2 * TIMEOUT_S, 4 * TIMEOUT_S))
         emu.signal(signal.SIGCONT)
-    elif t.fault in ("trainer_kill", "checkpoint_flip", "journal_torn"):
+    elif kind in ("trainer_kill", "checkpoint_flip", "journal_torn"):
         proc.kill()
         proc.wait()
-        if t.fault != "trainer_kill":
+        if kind != "trainer_kill":
             return  # the file fault is injected after the kill, and counted there
-    injected[t.fault] = injected.get(t.fault, 0) + 1
+    injected[kind] = injected.get(kind, 0) + 1
 
 
 # ------------------------------------------------------------------------------------------ plans
@@ -349,12 +361,11 @@ def plan(subset: bool, seed: int) -> list[Trial]:
     rng = random.Random(seed)
     trials = []
     rates = {"drop": 0.01, "delay": 0.002, "duplicate": 0.02, "duplicate_reply": 0.02, "flip": 0.01, "reset": 0.005}
-    if subset:
-        picks = [("analog", "matrix", "duplicate"), ("fpga", "matrix", "flip"), ("analog", "local", "reset"),
-                 ("fpga", "outer", "duplicate_reply"), ("analog", "matrix", "emulator_kill"),
-                 ("fpga", "matrix", "trainer_kill"), ("analog", "outer", "checkpoint_flip")]
-        for transport, mode, fault in picks:
-            trials.append(Trial(transport, mode, fault, rates.get(fault, 0.0), 2, rng.randrange(1 << 30)))
+    if subset:  # CI: two references and two trials, every kind of fault represented at least once
+        mixed = {"drop": 0.004, "duplicate": 0.01, "duplicate_reply": 0.01, "flip": 0.005, "reset": 0.002}
+        trials.append(Trial("fpga", "matrix", "mixed", 0.0, 1, rng.randrange(1 << 30), mixed, "checkpoint_flip"))
+        trials.append(Trial("analog", "matrix", "mixed", 0.0, 2, rng.randrange(1 << 30),
+                            {"duplicate": 0.01, "duplicate_reply": 0.01, "flip": 0.005}, "emulator_kill"))
         return trials
     for transport in TRANSPORTS:
         for mode in MODES:
