@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -177,3 +178,14 @@ def test_journal_is_compacted_at_checkpoints_and_keeps_its_totals(tmp_path) -> N
     assert live.applied_count() == done and live.stats()["begun"] == sum(r["state"] == "pending" for r in every)
     kept = [r for r in iter_records(run.journal_path, archived=False)]
     assert all(r["id"] >= live.compacted_below for r in kept) and len(kept) < len(every) / 2
+
+
+def test_resume_on_a_fresh_board_says_so_without_negative_counts(tmp_path, caplog) -> None:
+    """The Ctrl-C case of issue 9: ``sim://`` boards live in the trainer's process, so a resume meets a fresh board
+    whose counter starts again at 0; the old message said "executed -14173 pulse commands"."""
+    run = _finished_run(tmp_path)
+    caplog.set_level("WARNING")
+    assert main(["train", "--resume", str(run.path), "--epochs", "2", "--no-progress"]) == 0
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "re-programming the checkpoint's weights" in text, text
+    assert not re.search(r"-\d+ (executed )?pulse", text), text
