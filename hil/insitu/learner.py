@@ -206,6 +206,7 @@ class InSituLearner:
         for _ in range(self.guard.retries + 1):
             if not (self.guard.rebooted() or self.guard.restarted):
                 return
+            self.guard.check_instance("after a reboot")  # a new instance's weights are not the run's
             self.guard.restarted = False
             self._setup(program=False)
         raise LinkError("the instrument keeps rebooting while its settings are applied; check its power")
