@@ -61,7 +61,7 @@ def _train_with_rollbacks(cfg: RunConfig, learner: Any, data: Any, run: RunDir, 
         try:
             summary = train(cfg, learner, data, run, resume=resume, **kw)
             if summary.status == "success":
-                learner.finish()
+                run.write_record("reconciliation.json", learner.finish())
             return summary
         except RollBack as e:
             if rounds == MAX_ROLLBACKS:

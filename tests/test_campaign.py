@@ -2,9 +2,11 @@
 transports (analog: pyvisa-py over TCP; FPGA: pyserial over a pty), ending with exactly the fault-free weights.
 
 Why exact equality holds (ideal devices, same seeds): a pulse command runs exactly once (executed-command
-counter, hil/insitu/recovery.py), a sample interrupted by a reboot is undone with negated counts (each ideal pulse is
-exactly dw_min) and redone with the same counter-based rounding draws. No re-programming is involved, so the
-only possible difference is float64 round-off of an undo (w + a - a), far below float32 read-back resolution.
+counter, hil/insitu/recovery.py), a sample interrupted by a fault is undone with negated counts (each ideal pulse is
+exactly dw_min) and redone with the same counter-based rounding draws, so the only possible difference is float64
+round-off of an undo (w + a - a), far below float32 read-back resolution. A power cycle draws a new instance id:
+its weights are not trusted, the run is redone from the last checkpoint (checkpoint every 5 samples) by
+re-programming its float32 weights, a few float32 ulps from the float64 device state.
 
 Plain SCPI has no integrity check on payload bytes: a flipped bit inside a float or int8 block is a valid,
 wrong value. The analog driver therefore runs the board's integrity mode (a CRC-32 on every message and reply,
@@ -21,13 +23,13 @@ import os
 
 import numpy as np
 import pytest
-import torch.nn.functional as F
 
 from eqprop_hil.drivers import open_array
 from eqprop_hil.config import resolve
 from eqprop_hil.insitu.learner import InSituLearner
 from eqprop_hil.insitu.journal import PulseJournal
 from eqprop_hil.runs.rundir import RunDir
+from eqprop_hil.session import _train_with_rollbacks
 from eqprop_hil.train import prepare_data
 from eqprop_hil.mock_instruments.analog_server import AnalogServer
 from eqprop_hil.mock_instruments.faults import KINDS, FaultConfig
@@ -41,13 +43,14 @@ TIMEOUT_S = 0.15  # short, so that dropped replies cost little; delayed replies 
 RATES = {"corrupt": 0.01, "drop": 0.005, "truncate": 0.005, "delay": 0.005, "close": 0.005, "busy": 0.01,
          "power_cycle": 0.004, "corrupt_request": 0.01}
 RESULTS: list[dict] = []
+WEIGHT_ULPS = 4
 
 
 def _cfg(resource: str, mode: str = "matrix"):
     return resolve("digits-hw", overrides={
         "model": {"sizes": SIZES},
         "rule": {"t1": 15, "t2": 4, "lr": [0.004, 0.002]},
-        "train": {"batch_size": 1, "data_limit": SAMPLES, "epochs": 1, "seed": 5},
+        "train": {"batch_size": 1, "data_limit": SAMPLES, "epochs": 1, "seed": 5, "checkpoint_every": 5},
         # weight_range 4: a fine pulse quantum, so nearly every step sends a pulse command for faults to hit
         "instrument": {"resource": resource, "update_mode": mode, "timeout_s": TIMEOUT_S, "weight_range": 4.0,
                        "limits": {"max_pulses_per_device": 127}},
@@ -90,8 +93,7 @@ def campaign_run(kind: str, fault: str | None, tmp_path, mode: str = "matrix") -
         learner = InSituLearner(cfg, array, None, journal)
         try:
             data = prepare_data(cfg)
-            for _, x, y in data.batches(1, epoch=0, seed=cfg.train.seed):
-                learner.train_batch(x, F.one_hot(y, 10).to(x.dtype))
+            _train_with_rollbacks(cfg, learner, data, run, resume=False, progress=False)
             weights = [server.physics.read_weights(e).copy() for e in range(len(SIZES) - 1)]
             out = {"kind": kind, "mode": mode, "fault": fault or "none", "rate": rate,
                    "injected": _fault_counts(server).get(fault, 0) if fault else 0,
@@ -127,7 +129,16 @@ def test_every_fault_ends_with_the_fault_free_weights(kind, fault, baselines, tm
     pairs = list(zip(r.pop("weights"), base["weights"]))
     same = all(np.array_equal(a, b) for a, b in pairs)
     worst = max(float(np.abs(a - b).max()) for a, b in pairs)
-    r.update(outcome="identical weights" if same else "weights differ", identical=same,
+    # A new instance (the emulator draws one at every power-up) is re-programmed from the last checkpoint:
+    # float32 read-back of float64 device state, a few float32 ulps (tests/test_crash_resume.py).
+    close = all(float(np.abs(a - b).max()) <= WEIGHT_ULPS * float(np.spacing(np.float32(np.abs(b).max())))
+                for a, b in pairs)
+    if not same and close and r["rollbacks"]:
+        same = True
+        outcome = f"within {WEIGHT_ULPS} float32 ulps (re-programmed {r['rollbacks']}x)"
+    else:
+        outcome = "identical weights" if same else "weights differ"
+    r.update(outcome=outcome, identical=same,
              counts_match=r["executed"] == r["journal_applied"], worst=worst)
     RESULTS.append(r)
     assert r["injected"] > 0, f"{fault} never fired on {kind}: raise its rate"

@@ -11,6 +11,7 @@ that follow it.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -61,9 +62,8 @@ def test_sigkill_mid_training_then_resume(mode, emulators, trainers, tmp_path) -
     run_board, run_executed = board_figures(persistent.resource)
     journal = PulseJournal(run_dir / "journal.jsonl", readonly=True)
     assert journal.stats()["pending"] == 0
-    state = RunDir.open(run_dir).load_checkpoint()["learner"]
-    board0, journal0 = state["reconcile_base"]
-    assert run_executed == board0 + journal.applied_count() - journal0
+    rec = json.loads((run_dir / "reconciliation.json").read_text())  # the reference at the last (re)bind
+    assert run_executed == rec["board_executed"] == rec["reference_board"] + journal.applied_count() - rec["reference_journal"]
     assert [m["epoch"] for m in metrics(run_dir)] == [1, 2]
     params = RunDir.open(run_dir).load_checkpoint()["parameters"]
     for e in range(EDGES):

@@ -192,9 +192,14 @@ def journal_expectation(run: Path) -> tuple[int, int, int]:
     from eqprop_hil.insitu.journal import PulseJournal
 
     journal = PulseJournal(run / "journal.jsonl", readonly=True)
-    ckpts = sorted((run / "checkpoint").glob("ckpt-*.pt"))
-    state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)["state"]["learner"]
-    board0, journal0 = state.get("reconcile_base", [0, 0])
+    rec = run / "reconciliation.json"  # the trainer's reference at its last (re)bind, written at the end
+    if rec.exists():
+        r = json.loads(rec.read_text())
+        board0, journal0 = r["reference_board"], r["reference_journal"]
+    else:
+        ckpts = sorted((run / "checkpoint").glob("ckpt-*.pt"))
+        state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)["state"]["learner"]
+        board0, journal0 = state.get("reconcile_base", [0, 0])
     applied = journal.applied_count()
     return int(board0) + applied - int(journal0), applied, journal.stats()["pending"]
 

@@ -59,6 +59,8 @@ def open_insitu(cfg: RunConfig, run: RunDir, *, resume: bool = False) -> "InSitu
         # Resuming from a checkpoint: the instrument holds the checkpoint's weights plus the updates journaled
         # after it, which the resume undoes; programming the initial weights would lose that state.
         program = not (resume and run.checkpoints())
+        if resume and program:  # no (good) checkpoint: the run restarts from its initial weights and sample 0
+            run.rewind_metrics(0)
         return InSituLearner(cfg, array, calibration, journal, resume=resume, program_initial=program)
     except BaseException:
         array.close()
@@ -94,6 +96,9 @@ class InSituLearner:
         self.guard = Guard(array, journal)
         self.dev = GuardedArray(array, self.guard)  # what the sample loop drives: retried, or redone on a fault
         self._runner = isinstance(array, SampleRunner)
+        # The analog board counts LEARn:SAMPle? in its executed pulse commands; the FPGA's TRAIN_SAMPLE is not
+        # counted (protocols/fpga_serial.md: only pulse, outer, STEP and APPLY_SPARSE commands are).
+        self._local_counted = self._runner and hasattr(array, "pulse_commands_executed")
         self._applied: list[tuple[int, dict]] = []  # pulse commands of the sample in progress known to have run
         self._ckpt_params: dict | None = None
         self._ckpt_ids: list[int] = []  # journal positions of the kept checkpoints (compaction keeps after the older)
@@ -261,6 +266,27 @@ class InSituLearner:
             os.kill(os.getpid(), signal.SIGKILL)
         return out
 
+    def _local_runner_sample(self, x: np.ndarray, y: np.ndarray, beta: float) -> np.ndarray:
+        """One local-mode sample in one command. Where the board counts it as a pulse command (the analog
+        board's ``LEARn:SAMPle?``, protocols/analog_board.md 3.5) it is journaled and sent exactly once like
+        one, so the executed-command counter and the journal stay reconciled; its updates cannot be undone, so
+        a sample that ran but whose answer was lost is redone from the last checkpoint."""
+        volts = x * self.cfg.instrument.input_volts
+        if not self._local_counted:
+            return self.dev.train_sample(volts, y, beta, self.rule.t1, self.rule.t2)
+        entry = {"sample": self.samples_seen, "step": 0, "edge": -1, "feedback": False, "mode": "local"}
+        [jid] = self.journal.begin_many([{**entry, "executed_before": self.guard.expected}])
+        out: list[np.ndarray] = []
+
+        def fire() -> dict:
+            out.append(self.array.train_sample(volts, y, beta, self.rule.t1, self.rule.t2))
+            return {"pulses": 0}
+
+        if self.guard.send(jid, entry, fire) is None or not out:
+            raise RollBack(f"sample {self.samples_seen}: the local-mode sample ran but its answer was lost")
+        self.counters["pulse_commands"] += 1
+        return out[-1]
+
     def _beta(self) -> float:
         if self.rule.beta_sign == "random":
             rng = np.random.default_rng([self.cfg.train.seed, 0xBE7A, self.samples_seen])
@@ -276,7 +302,7 @@ class InSituLearner:
         beta = self._beta()
         if self.mode == "local":
             if self._runner:
-                return self.dev.train_sample(x * self.cfg.instrument.input_volts, y, beta, self.rule.t1, self.rule.t2)
+                return self._local_runner_sample(x, y, beta)
             self._drive(x)
             out = self.dev.read_state(len(self.net.sizes) - 1)[0]
             self.dev.set_nudge_target(y, beta)
@@ -547,10 +573,15 @@ class InSituLearner:
         self._settings_back()
         self.guard.sync()
 
-    def finish(self) -> None:
-        """At the end of a run: the same instance, and the board's counter equal to the journal's."""
+    def finish(self) -> dict:
+        """At the end of a run: the same instance, and the board's counter equal to the journal's. Returns the
+        figures (written to ``reconciliation.json`` so that an outside check can redo the comparison)."""
         self.guard.check_instance("end of run")
-        self.guard.reconcile("end of run")
+        executed = self.guard.reconcile("end of run")
+        board0, journal0 = self.guard.base
+        return {"instance": self.guard.instance, "board_executed": executed, "journal_applied":
+                self.journal.applied_count(), "reference_board": board0, "reference_journal": journal0,
+                "rollbacks": self.guard.stats["rollbacks"]}
 
     def _settle_pending(self) -> None:
         """Resume without a checkpoint: the weights were re-programmed, nothing is undone, but the journal must

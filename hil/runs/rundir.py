@@ -262,6 +262,11 @@ class RunDir:
         except (OSError, ValueError) as e:
             raise RunError(f"cannot read {path}: {e}") from e
 
+    def write_record(self, name: str, record: dict) -> None:
+        """A small JSON record of the run (e.g. ``reconciliation.json``), replaced atomically."""
+        text = json.dumps(to_json_safe(record), indent=1, sort_keys=True, allow_nan=False)
+        atomic_write_bytes(self.path / name, (text + "\n").encode("utf-8"))
+
     # metrics
     def append_metrics(self, record: dict) -> None:
         """Append one record as one line, flushed and fsynced: a crash loses at most the line being written."""
@@ -370,7 +375,7 @@ class RunDir:
             payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many kinds (pickle, zip, runtime) for a damaged file
             raise RunError(f"{path} is corrupt: sha256 {'matches' if file_ok else 'differs from'} the manifest, "
-                           f"and it does not load ({type(e).__name__}: {str(e)[:120]})") from e
+                           f"and it does not load ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from e
         if not isinstance(payload, dict) or payload.get("format") != "eqprop-hil-checkpoint":
             raise RunError(f"{path} is not an eqprop-hil checkpoint")
         if payload.get("version") != CHECKPOINT_VERSION:
@@ -409,7 +414,9 @@ class RunDir:
             return state
         if errors:
             hint = "" if fallback or len(candidates) < 2 else f"; the previous one is {candidates[1]} (fallback=True)"
-            raise RunError("; ".join(errors) + hint + ("; no good checkpoint left" if fallback else ""))
+            raise RunError("; ".join(errors) + hint + (
+                "; no good checkpoint left (the bad ones were renamed *.corrupt): resume again to restart the run "
+                "from its initial weights" if fallback else ""))
         return None
 
 
