@@ -275,7 +275,11 @@ def run_trial(t: Trial, work: Path, reference: dict | None, ref_seconds: float) 
             attempts += 1
             t0 = time.monotonic()
             while proc.poll() is None:
-                if moments and time.monotonic() - t0 >= moments[0]:
+                needs_file = kind in ("checkpoint_flip", "journal_torn")
+                ready = not needs_file or any((run / "checkpoint").glob("ckpt-*.pt.sha256"))
+                if (run / "reconciliation.json").exists():  # the run ended (reconciled): faults now hit no run
+                    moments.clear()
+                if moments and ready and time.monotonic() - t0 >= moments[0]:
                     moments.pop(0)
                     _process_fault(t, emu, proc, run, rng, injected)
                     if proc.poll() is not None:
@@ -372,12 +376,13 @@ def plan(subset: bool, seed: int) -> list[Trial]:
         trials.append(Trial("analog", "matrix", "mixed", 0.0, 2, rng.randrange(1 << 30),
                             {"duplicate": 0.01, "duplicate_reply": 0.01, "flip": 0.005}, "emulator_kill"))
         return trials
-    for transport in TRANSPORTS:
+    for fault in (*PROXY_KINDS, *PROCESS_KINDS):
         for mode in MODES:
-            for fault in PROXY_KINDS:
-                trials.append(Trial(transport, mode, fault, rates[fault], 0, rng.randrange(1 << 30)))
-            for fault in PROCESS_KINDS:
-                trials.append(Trial(transport, mode, fault, 0.0, 3, rng.randrange(1 << 30)))
+            for transport in TRANSPORTS:
+                proxy = fault in PROXY_KINDS
+                trials.append(Trial(transport, mode, fault, rates[fault] if proxy else 0.0, 0 if proxy else 3,
+                                    rng.randrange(1 << 30)))
+    rng.shuffle(trials)  # a campaign cut short is still a seeded sample of every kind, transport and mode
     return trials
 
 
@@ -388,15 +393,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=20260605)
     p.add_argument("--repeat", type=int, default=1, help="run the plan this many times (other seeds)")
     p.add_argument("--only", default="", help="comma-separated fault kinds to keep")
+    p.add_argument("--transport", choices=TRANSPORTS, help="only trials on this transport")
+    p.add_argument("--keep", default="", help="keep the trials' run directories under this directory")
     args = p.parse_args(argv)
     trials = []
     for k in range(args.repeat):
         trials += plan(args.subset, args.seed + k)
     if args.only:
         keep = set(args.only.split(","))
-        trials = [t for t in trials if t.fault in keep]
+        trials = [t for t in trials if t.fault in keep or t.process_kind in keep]
+    if args.transport:
+        trials = [t for t in trials if t.transport == args.transport]
     rows, refs = [], {}
-    with tempfile.TemporaryDirectory(prefix="campaign-") as tmp:
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="campaign-", dir=args.keep or None) as tmp:
+        if args.keep:
+            tmp = tempfile.mkdtemp(prefix="kept-", dir=args.keep)
         for n, t in enumerate(trials):
             key = (t.transport, t.mode)
             if key not in refs:
@@ -411,11 +424,17 @@ def main(argv: list[str] | None = None) -> int:
             row.pop("weights", None)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    doc = {"command": "python tools/campaign.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "rows": rows, "totals": totals(rows)}
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+            write(args.out, argv, rows, len(trials))  # after every trial: an interrupted campaign keeps what ran
+    doc = write(args.out, argv, rows, len(trials))
     print(json.dumps(doc["totals"]))
     return 0
+
+
+def write(out: str, argv: list[str] | None, rows: list[dict], planned: int) -> dict:
+    doc = {"command": "python tools/campaign.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "planned_trials": planned, "rows": rows, "totals": totals(rows)}
+    Path(out).write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
 
 
 def totals(rows: list[dict]) -> dict:
