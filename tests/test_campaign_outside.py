@@ -1,10 +1,12 @@
 """The outside campaign's seeded CI subset (tools/campaign.py --subset): emulators as their own processes, the
 fault proxy between driver and emulator on both transports, an emulator killed and restarted on its address
-behind a gateway that hides it, a trainer SIGKILL followed by a flipped bit in the latest checkpoint.
+behind a gateway that hides it (matrix mode), a trainer SIGKILL followed by a flipped bit in the latest checkpoint
+(outer mode, which used to be unresumable: "cannot undo outer-mode command").
 
 Every trial must end with nothing lost or doubled (the board's executed-command counter equals what the journal
 says it applied), nothing pending, and the fault-free run's weights (ideal devices; a few float32 ulps where a
-checkpoint was re-programmed). The full campaign (>= 1,000 faults) is ``python tools/campaign.py --out FILE``.
+checkpoint was re-programmed; outer mode's device-drawn trains differ after a redo, so only its counts are
+compared). The full campaign (>= 1,000 faults) is ``python tools/campaign.py --out FILE``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,6 @@ def test_outside_campaign_subset_loses_and_doubles_nothing(tmp_path) -> None:
         assert r["journal_pending"] == 0, r
         assert r["lost"] == 0 and r["doubled"] == 0, r
         assert r["executed"] == r["journal_expected"], r
-        assert r["mismatched"] == 0, r
+        assert r["mismatched"] == (None if r["mode"] == "outer" else 0), r  # outer: trains redrawn on a redo
     kinds = {k for r in rows for k in r["injected_by_kind"]}
     assert {"emulator_kill", "checkpoint_flip", "duplicate", "duplicate_reply", "flip"} <= kinds, kinds

@@ -36,7 +36,7 @@ def _wait_for_checkpoint(run, seq: int, proc) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("mode", ["outer", "local"])
+@pytest.mark.parametrize("mode", ["local"])  # outer: tests/test_campaign_outside.py (trainer kill + corrupt checkpoint)
 def test_sigkill_mid_training_then_resume(mode, emulators, trainers, tmp_path) -> None:
     persistent, fresh = emulators
     (tmp_path / "small.toml").write_text(SMALL_TOML + f'[instrument]\nupdate_mode = "{mode}"\n')

@@ -372,7 +372,7 @@ def plan(subset: bool, seed: int) -> list[Trial]:
     rates = {"drop": 0.01, "delay": 0.002, "duplicate": 0.02, "duplicate_reply": 0.02, "flip": 0.01, "reset": 0.005}
     if subset:  # CI: two references and two trials, every kind of fault represented at least once
         mixed = {"drop": 0.004, "duplicate": 0.01, "duplicate_reply": 0.01, "flip": 0.005, "reset": 0.002}
-        trials.append(Trial("fpga", "matrix", "mixed", 0.0, 1, rng.randrange(1 << 30), mixed, "checkpoint_flip"))
+        trials.append(Trial("fpga", "outer", "mixed", 0.0, 1, rng.randrange(1 << 30), mixed, "checkpoint_flip"))
         trials.append(Trial("analog", "matrix", "mixed", 0.0, 2, rng.randrange(1 << 30),
                             {"duplicate": 0.01, "duplicate_reply": 0.01, "flip": 0.005}, "emulator_kill"))
         return trials

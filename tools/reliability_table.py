@@ -244,8 +244,39 @@ def outside_section(doc: dict) -> str:
         lines.append(f"| {r['transport']} | {r['mode']} | {r['fault']} | {inj} | {r['executed']} | "
                      f"{r['journal_expected']} | {r['lost']} | {r['doubled']} | {r['outcome']} | "
                      f"{r['trainer_starts']} | {err} |")
+    lines += resume_section()
     lines += ["", END, ""]
     return "\n".join(lines)
+
+
+def resume_section(path: Path = ROOT / "benchmarks" / "out" / "resume_accuracy.json") -> list[str]:
+    """What a resume makes exact and what it cannot, with benchmarks/resume_accuracy.py's measured figure."""
+    lines = ["", "## Resume: what is exact, what is not", "",
+             "Exact, on any devices: the command stream. After a crash every pulse command journaled after the "
+             "checkpoint is settled by the board's executed-command counter (ran or did not, never guessed), the "
+             "run continues from the checkpoint's data cursor with the same samples in the same order, and the "
+             "pulse rounding draws are a function of (seed, sample, step, matrix), so the replay sends the "
+             "commands the lost run would have sent: none lost, none doubled (the counter and the journal are "
+             "compared at every checkpoint, after every recovery and at the end). The board is brought back to "
+             "the checkpoint's weights first: matrix commands are undone with negated counts, outer- and "
+             "local-mode updates (drawn or applied by the device) and any other instance are re-programmed "
+             "(write-verify, `instrument.program_tolerance`).",
+             "",
+             "Not exact on real (noisy) devices: the conductances. An undo on soft-bounds devices leaves a residual "
+             "(up and down steps differ), write-verify lands within the programming tolerance, not on the value, and "
+             "the cycle-to-cycle noise of every replayed pulse is drawn anew. So a resumed run is a statistically "
+             "equivalent run, not the same run; on ideal devices it ends on the uninterrupted run's weights (within "
+             "a few float32 ulps where weights were re-programmed)."]
+    if not path.exists():
+        return lines
+    r = json.loads(path.read_text())
+    rows = "; ".join(f"seed {x['seed']}: {100 * x['straight']:.1f} % straight, {100 * x['resumed']:.1f} % after "
+                     f"{x['kills']} SIGKILLs" for x in r["rows"])
+    lines += ["", f"Measured (`{r['command']}`, default soft-bounds devices, digits-hw, a machine shared with other "
+              f"jobs): {rows}. Resumed minus uninterrupted: {r['resumed_minus_straight_points']} points (mean "
+              f"|effect| {r['mean_abs_resume_effect_points']:.1f}); seed-to-seed spread of the uninterrupted runs: "
+              f"{r['seed_to_seed_std_points']:.1f} points (standard deviation)."]
+    return lines
 
 
 def with_outside(existing: str, section: str) -> str:
