@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _campaign():
     spec = importlib.util.spec_from_file_location("campaign", ROOT / "tools" / "campaign.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["campaign"] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
 
