@@ -271,7 +271,8 @@ def run_trial(t: Trial, work: Path, reference: dict | None, ref_seconds: float) 
         moments = sorted(rng.uniform(0.3, max(ref_seconds, 1.0)) for _ in range(t.events))
         rc = None
         while attempts <= MAX_RESUMES:
-            proc = trainer(first if attempts == 0 else ["--resume", str(run)], work)
+            # killed before it wrote its run directory: the operator runs the first command again
+            proc = trainer(first if not (run / "config.toml").exists() else ["--resume", str(run)], work)
             attempts += 1
             t0 = time.monotonic()
             while proc.poll() is None:
