@@ -439,12 +439,17 @@ def write(out: str, argv: list[str] | None, rows: list[dict], planned: int) -> d
 
 
 def totals(rows: list[dict]) -> dict:
+    """Over the faulty trials. ``lost``/``doubled``/``mismatched`` count finished runs (exit 0): a wrong result
+    nobody was told about. A run that stopped with an error said so; its counts are reported apart."""
     faulty = [r for r in rows if r["fault"] != "none"]
-    return {"trials": len(faulty), "injected": sum(r["injected"] for r in faulty),
-            "lost": sum(r["lost"] or 0 for r in faulty), "doubled": sum(r["doubled"] or 0 for r in faulty),
-            "mismatched": sum(r["mismatched"] or 0 for r in faulty),
-            "stopped_with_error": sum(r["exit"] != 0 for r in faulty),
-            "counts_equal": sum(r["lost"] == 0 and r["doubled"] == 0 for r in faulty)}
+    done = [r for r in faulty if r["exit"] == 0]
+    stopped = [r for r in faulty if r["exit"] != 0]
+    return {"trials": len(faulty), "injected": sum(r["injected"] for r in faulty), "finished": len(done),
+            "lost": sum(r["lost"] or 0 for r in done), "doubled": sum(r["doubled"] or 0 for r in done),
+            "mismatched": sum(r["mismatched"] or 0 for r in done),
+            "counts_equal": sum(r["lost"] == 0 and r["doubled"] == 0 for r in done),
+            "stopped_with_error": len(stopped),
+            "stopped_count_differences": sum((r["lost"] or 0) + (r["doubled"] or 0) for r in stopped)}
 
 
 if __name__ == "__main__":
