@@ -82,6 +82,11 @@ def bench_file() -> Path:
     return Path(os.environ.get(ENV_VAR) or DEFAULT_FILE).expanduser()
 
 
+def _limits(table: Any) -> configuration.LimitsConfig:
+    """A limits table checked exactly as a run's ``[instrument.limits]`` (the config loader's strict builder)."""
+    return configuration._build(configuration.LimitsConfig, table, "instrument.limits")
+
+
 def load_benches(path: str | os.PathLike | None = None) -> dict[str, Bench]:
     """Every bench of a description file, strictly checked (unknown keys and bad limits name the bench)."""
     p = Path(path) if path is not None else bench_file()
@@ -110,8 +115,8 @@ def load_benches(path: str | os.PathLike | None = None) -> dict[str, Bench]:
                 raise BenchError(f"{where}: {key} must be a string")
         limits = table.get("limits", {})
         try:  # the same checks as a run's [instrument.limits], with the key named
-            configuration.build({"instrument": {"limits": limits}})
-        except configuration.ConfigError as e:
+            _limits(limits)
+        except (configuration.ConfigError, ValueError) as e:
             raise BenchError(f"{where}: {e}") from e
         benches[name] = Bench(name, table["instrument"], dict(limits), table.get("calibration", ""),
                               table.get("run_store", ""), table.get("description", ""))
@@ -131,7 +136,7 @@ def load_bench(name: str, path: str | os.PathLike | None = None) -> Bench:
 def apply_bench(data: dict[str, Any], bench: Bench) -> dict[str, Any]:
     """A run's config (TOML tables) with the bench's instrument and the stricter of both sides' limits."""
     submitted = configuration.build(data).instrument.limits
-    own = configuration.build({"instrument": {"limits": bench.limits}}).instrument.limits
+    own = _limits(bench.limits)
     limits = {k: min(getattr(submitted, k), getattr(own, k)) for k in _MAX_LIMITS}
     budgets = [b for b in (submitted.pulse_budget, own.pulse_budget) if b > 0]
     limits["pulse_budget"] = min(budgets) if budgets else 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -72,9 +73,9 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
             raise ClusterError(f"--grid {item!r}: write KEY=V1,V2,... (a dotted config key, e.g. rule.beta=0.1,0.2)")
         if key in grid:
             raise ClusterError(f"--grid {key} is given twice")
-        grid[key] = [parse_value(v) for v in split_values(values)]
         if any(v == "" for v in split_values(values)):
             raise ClusterError(f"--grid {item!r} has an empty value")
+        grid[key] = [parse_value(v) for v in split_values(values)]
     return grid
 
 
@@ -406,4 +407,14 @@ def _tune(pending: list[dict], out: Path, spec: SweepSpec, *, asha: bool, asha_g
         ),
     )
     echo(f"[sweep] {len(pending)} trial(s) on Ray, 1 CPU each" + (f" and bench {spec.bench}" if spec.bench else ""))
-    tuner.fit()
+    hint = _NoRestoreHint()  # after Ctrl-C Tune suggests Tuner.restore; here the same command continues the sweep
+    logging.getLogger("ray.tune.tune").addFilter(hint)
+    try:
+        tuner.fit()
+    finally:
+        logging.getLogger("ray.tune.tune").removeFilter(hint)
+
+
+class _NoRestoreHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore" not in record.getMessage()
