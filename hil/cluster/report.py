@@ -16,7 +16,8 @@ def summary_table(rows: list[dict], keys: list[str]) -> str:
     def pct(x: float | None) -> str:
         return f"{100 * x:.2f}" if x is not None else "-"
 
-    head = f"{'trial':<6}" + "".join(f"{k:>16}" for k in keys) + f"{'seed':>6}{'status':>8}{'test %':>8}{'best %':>8}" \
+    width = min(max([len(r["name"]) for r in rows] + [5]), 40) + 2
+    head = f"{'trial':<{width}}" + "".join(f"{k:>16}" for k in keys) + f"{'seed':>6}{'status':>8}{'test %':>8}{'best %':>8}" \
            f"{'samples/s':>11}{'wall s':>8}"
     lines = [head]
     for r in rows:
@@ -24,7 +25,7 @@ def summary_table(rows: list[dict], keys: list[str]) -> str:
         status = r["status"] + ("*" if r.get("stopped_early") else "")
         sps = f"{r['samples_per_second']:.0f}" if r.get("samples_per_second") else "-"
         wall = f"{r['wall_s']:.1f}" if r.get("wall_s") is not None else "-"
-        lines.append(f"{r['name'][:4]:<6}{vals}{r['seed']:>6}{status:>8}{pct(r['test_accuracy']):>8}"
+        lines.append(f"{r['name'][:width - 2]:<{width}}{vals}{r['seed']:>6}{status:>8}{pct(r['test_accuracy']):>8}"
                      f"{pct(r['best_test_accuracy']):>8}{sps:>11}{wall:>8}")
     groups: dict[str, list[dict]] = {}
     for r in rows:

@@ -177,14 +177,19 @@ def expand(spec: SweepSpec, out: Path) -> list[dict[str, Any]]:
         name = f"t{i:03d}" + (f"-{_slug(swept)}" if swept else "") + (f"-seed={seed}" if seed is not None else "")
         t = trial_spec(name, out / "runs" / name, preset=spec.preset, config_text=config_text,
                        overrides=overrides, swept=swept, bench=spec.bench)
-        try:
-            cfg = configuration.build(resolve_config(t))
-        except configuration.ConfigError as e:
-            raise ClusterError(f"trial {name} ({', '.join(f'{k}={v!r}' for k, v in swept.items()) or 'no swept keys'}"
-                               f"): {e}") from e
-        t["epochs"], t["seed"] = cfg.train.epochs, cfg.train.seed
-        trials.append(t)
+        trials.append(check_trial(t))
     return trials
+
+
+def check_trial(t: dict[str, Any]) -> dict[str, Any]:
+    """Resolve a trial's config here (a bad key or value names the trial) and note its epochs and seed."""
+    try:
+        cfg = configuration.build(resolve_config(t))
+    except configuration.ConfigError as e:
+        swept = ", ".join(f"{k}={v!r}" for k, v in t["swept"].items()) or "no swept keys"
+        raise ClusterError(f"trial {t['name']} ({swept}): {e}") from e
+    t["epochs"], t["seed"] = cfg.train.epochs, cfg.train.seed
+    return t
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -302,14 +307,32 @@ def run_sweep(
     joins that cluster. Each trial takes one CPU (and one unit of ``bench:NAME`` with ``spec.bench``). ``asha``
     stops poor trials early (ASHA on the last-epoch test accuracy, at epochs ``asha_grace * reduction**k``).
     """
+    out = Path(out).absolute()
+    trials = expand(spec, out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_record(out, spec, [t["name"] for t in trials])
+    return run_trials(trials, out, keys=list(spec.grid) + list(spec.random), bench=spec.bench, address=address,
+                      asha=asha, asha_grace=asha_grace, asha_reduction=asha_reduction, retry_failed=retry_failed,
+                      max_concurrent=max_concurrent, num_cpus=num_cpus, echo=echo)
+
+
+def run_trials(
+    trials: list[dict[str, Any]], out: str | os.PathLike, *, keys: list[str], bench: str = "",
+    address: str | None = None, asha: bool = False, asha_grace: int = 1, asha_reduction: int = 3,
+    retry_failed: bool = False, max_concurrent: int | None = None, num_cpus: int | None = None,
+    echo: Callable[[str], None] = print,
+) -> SweepOutcome:
+    """Run a list of trial specs (each passed through :func:`check_trial`) as one sweep in ``out``; ``keys`` are
+    the swept keys the table and the figure show. :func:`run_sweep` is this with the trials of a grid; a script
+    whose trials differ in more than config keys (``benchmarks/accuracy.py``: one preset per rule) builds its own."""
     from eqprop_hil.cluster import runtime
     from eqprop_hil.cluster.report import plot_results, summary_table
 
     t0 = time.perf_counter()
     out = Path(out).absolute()
-    trials = expand(spec, out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_record(out, spec, [t["name"] for t in trials])
+    if len({t["name"] for t in trials}) != len(trials):
+        raise ClusterError("two trials share a name; every trial needs its own name and run directory")
     by_name = {t["name"]: t for t in trials}
     done = {n: r for n, r in read_results(out).items() if n in by_name}
     pending = [t for t in trials if t["name"] not in done or (retry_failed and done[t["name"]]["status"] == "failed")]
@@ -322,7 +345,7 @@ def run_sweep(
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables off (verbose=0): the ledger prints
         started = runtime.connect(address, num_cpus=num_cpus, log_to_driver=False)
         try:
-            _tune(pending, out, spec, asha=asha, asha_grace=asha_grace, asha_reduction=asha_reduction,
+            _tune(pending, out, bench, asha=asha, asha_grace=asha_grace, asha_reduction=asha_reduction,
                   max_concurrent=max_concurrent, total=len(trials), skipped=skipped, echo=echo)
         finally:
             runtime.shutdown(started)
@@ -331,7 +354,6 @@ def run_sweep(
     unfinished = [t["name"] for t in trials if t["name"] not in latest]
     text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows)
     atomic_write_bytes(out / RESULTS, text.encode("utf-8"))  # compacted: one line per trial, in trial order
-    keys = list(spec.grid) + list(spec.random)
     if rows:
         echo(summary_table(rows, keys))
         echo(f"[sweep] wrote {out / RESULTS} and {plot_results(rows, keys, out / PLOT)}")
@@ -341,7 +363,7 @@ def run_sweep(
     return SweepOutcome(out, rows, len(pending), skipped, unfinished, time.perf_counter() - t0)
 
 
-def _tune(pending: list[dict], out: Path, spec: SweepSpec, *, asha: bool, asha_grace: int, asha_reduction: int,
+def _tune(pending: list[dict], out: Path, bench: str, *, asha: bool, asha_grace: int, asha_reduction: int,
           max_concurrent: int | None, total: int, skipped: int, echo: Callable[[str], None]) -> None:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -349,8 +371,8 @@ def _tune(pending: list[dict], out: Path, spec: SweepSpec, *, asha: bool, asha_g
     from eqprop_hil.cluster.bench import require_bench
 
     resources: dict[str, float] = {"CPU": 1}
-    if spec.bench:
-        resources[require_bench(spec.bench)] = 1
+    if bench:
+        resources[require_bench(bench)] = 1
     by_name = {t["name"]: t for t in pending}
 
     class Ledger(tune.Callback):
@@ -406,7 +428,7 @@ def _tune(pending: list[dict], out: Path, spec: SweepSpec, *, asha: bool, asha_g
             callbacks=[Ledger()], failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
-    echo(f"[sweep] {len(pending)} trial(s) on Ray, 1 CPU each" + (f" and bench {spec.bench}" if spec.bench else ""))
+    echo(f"[sweep] {len(pending)} trial(s) on Ray, 1 CPU each" + (f" and bench {bench}" if bench else ""))
     hint = _NoRestoreHint()  # after Ctrl-C Tune suggests Tuner.restore; here the same command continues the sweep
     logging.getLogger("ray.tune.tune").addFilter(hint)
     try:
