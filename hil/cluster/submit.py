@@ -98,6 +98,8 @@ def submit_from_args(args: Any, overrides: dict[str, Any]) -> int:
     if args.bench and args.instrument:
         raise BenchError("--bench and --instrument exclude each other: the bench decides the instrument")
     preset = args.preset or (None if args.config else configuration.DEFAULT_PRESET)
+    if args.config and not Path(args.config).is_file():
+        raise ClusterError(f"config file {args.config!r} does not exist")
     config_text = Path(args.config).read_text(encoding="utf-8") if args.config else ""
     local = resolve_run_dir(args.run_dir, preset=preset or "config")
     name = f"{local.name}-{secrets.token_hex(3)}"

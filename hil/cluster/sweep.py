@@ -150,9 +150,9 @@ def expand(spec: SweepSpec, out: Path) -> list[dict[str, Any]]:
         raise ClusterError("--bench and --instrument exclude each other: the bench decides the instrument")
     if spec.samples < 1:
         raise ClusterError(f"--samples {spec.samples}: must be >= 1")
-    config_text = Path(spec.config_file).read_text(encoding="utf-8") if spec.config_file else ""
     if spec.config_file and not Path(spec.config_file).is_file():
         raise ClusterError(f"config file {spec.config_file!r} does not exist")
+    config_text = Path(spec.config_file).read_text(encoding="utf-8") if spec.config_file else ""
     rng = np.random.default_rng(spec.search_seed)
     grid_points = [dict(zip(spec.grid, combo)) for combo in itertools.product(*spec.grid.values())]
     points: list[dict[str, Any]] = []
