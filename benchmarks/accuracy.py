@@ -18,9 +18,10 @@ Settings per data set (the rates are the presets', so the benchmark measures wha
 Each (rule, seed) is one trial of a sweep (``eqprop_hil.cluster``, the engine of ``hil sweep``): an ordinary run with
 one torch thread, on a local Ray with ``--workers`` CPUs (at most that many at a time) or on the cluster at
 ``--address``. ``--sweep-dir DIR`` keeps the trials' run directories and ``results.jsonl`` there (the same command
-again continues an interrupted benchmark); ``--one-by-one`` runs the trials in this process, one after another,
-without Ray (the baseline of the speed-up figure; also what happens when Ray is not installed). The data split is
-seeded by the run's seed, so every rule sees the same split as the backprop run of the same seed.
+again continues an interrupted benchmark); ``--one-by-one`` (or ``--workers 1``) runs the trials in this process,
+one after another, without Ray (the baseline of the speed-up figure; also what happens when Ray is not
+installed). The data split is seeded by the run's seed, so every rule sees the same split as the backprop run of
+the same seed.
 Writes OUT/accuracy.json (one entry per data set, merged with what is there) and OUT/accuracy.png.
 """
 
@@ -293,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="default: 100 (digits presets), 30 (mnist5k)")
-    parser.add_argument("--workers", type=int, default=2, help="trials at a time (the local Ray's CPUs)")
+    parser.add_argument("--workers", type=int, default=2, help="trials at a time (the local Ray's CPUs); 1: one by "
+                                                               "one in this process, without Ray")
     parser.add_argument("--address", help="run the trials on this Ray cluster instead of a local Ray")
     parser.add_argument("--sweep-dir", type=Path, default=None, help="keep the sweep's runs and results.jsonl here "
                                                                      "(default: a temporary folder)")
@@ -307,12 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     for ds in args.dataset:
         jobs = [(rule, PRESETS[rule], overrides_for(rule, ds, seed, args.epochs, args.quick))
                 for rule in args.rules for seed in args.seeds]
-        print(f"{ds}: {len(jobs)} runs, {1 if args.one_by_one else args.workers} at a time", flush=True)
+        one_by_one = args.one_by_one or (args.workers <= 1 and not args.address)
+        print(f"{ds}: {len(jobs)} runs, {1 if one_by_one else args.workers} at a time", flush=True)
         t0 = time.perf_counter()
         sweep_dir = args.sweep_dir / ds if args.sweep_dir is not None else None
-        results = None if args.one_by_one else run_sweep_jobs(jobs, args.workers, args.address, sweep_dir)
+        results = None if one_by_one else run_sweep_jobs(jobs, args.workers, args.address, sweep_dir)
         if results is None:
-            results = run_jobs(_job, jobs, 1, _label)
+            one_by_one, results = True, run_jobs(_job, jobs, 1, _label)
         if args.raw is not None:
             args.raw.parent.mkdir(parents=True, exist_ok=True)
             args.raw.with_name(f"{args.raw.stem}-{ds}{args.raw.suffix}").write_text(json.dumps(results), encoding="utf-8")
@@ -330,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             "figure": "median over seeds of the last-epoch test accuracy (fraction)",
             "tolerance_points": TOLERANCE_POINTS,
             "wall_seconds": round(time.perf_counter() - t0, 1),
-            "executed": "one by one in one process" if args.one_by_one else (
-                f"sweep on the Ray cluster {args.address}" if args.address else f"sweep on a local Ray, {args.workers} CPUs"),
+            "executed": "one by one in one process" if one_by_one else (
+                f"sweep on the Ray cluster {args.address}" if args.address
+                else f"sweep on a local Ray, {args.workers} CPUs"),
             "rules": summary,
         }
         print(table(summary, f"{ds} {'-'.join(map(str, DATASETS[ds]['sizes']))}, {update[ds]['epochs_label']}, "

@@ -136,3 +136,11 @@ def test_unknown_or_missing_bench_descriptions(tmp_path, monkeypatch):
     (tmp_path / "none.toml").write_text(BENCHES, encoding="utf-8")
     with pytest.raises(BenchError, match="'b' is not described .*analog-1"):
         load_bench("b")
+
+
+def test_an_address_where_nothing_listens_is_refused_at_once():
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install -c constraints.txt -e '.[cluster]'")
+    from eqprop_hil.cluster.runtime import connect
+
+    with pytest.raises(ClusterError, match="nothing answers at 127.0.0.1:1"):
+        connect("127.0.0.1:1")

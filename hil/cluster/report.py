@@ -17,7 +17,8 @@ def summary_table(rows: list[dict], keys: list[str]) -> str:
         return f"{100 * x:.2f}" if x is not None else "-"
 
     width = min(max([len(r["name"]) for r in rows] + [5]), 40) + 2
-    head = f"{'trial':<{width}}" + "".join(f"{k:>16}" for k in keys) + f"{'seed':>6}{'status':>8}{'test %':>8}{'best %':>8}" \
+    head = f"{'trial':<{width}}" + "".join(f"{k:>16}" for k in keys) \
+           + f"{'seed':>6}{'status':>8}{'test %':>8}{'best %':>8}" \
            f"{'samples/s':>11}{'wall s':>8}"
     lines = [head]
     for r in rows:
@@ -72,7 +73,8 @@ def plot_results(rows: list[dict], keys: list[str], path: Path) -> Path:
             if n_failed:
                 ax.annotate(f"{n_failed} failed", (i, 0.02), xycoords=("data", "axes fraction"), ha="center",
                             fontsize=7, color="C3")
-        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30 if max(map(len, labels), default=0) > 6 else 0)
+        rotation = 30 if max(map(len, labels), default=0) > 6 else 0
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=rotation)
         ax.set_xlabel(key)
         ax.set_ylabel("last-epoch test accuracy (%)")
         ax.legend(fontsize=7)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from types import ModuleType
 
 from eqprop_hil.protocols.errors import EqpropError
@@ -45,6 +46,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a lab PC
     if ray.is_initialized():
         return False
+    if address:
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
@@ -58,6 +61,18 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         raise ClusterError(f"cannot connect to {where}: {e}. Check the address (`ray status` on the head node "
                            "prints it) and that this host has the cluster's auth token") from e
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse an address where nothing listens at once (Ray itself would retry for minutes before giving up)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterError(f"nothing answers at {address} ({e}): is the head node running (`ray start --head`), and "
+                           "is this its GCS address (`ray status` on the head prints it)?") from e
 
 
 def shutdown(started: bool) -> None:

@@ -126,7 +126,8 @@ class SweepSpec:
     extra: dict[str, Any] = field(default_factory=dict)  # further fixed overrides (config tables)
 
     def fixed_overrides(self) -> dict[str, Any]:
-        o: dict[str, Any] = configuration.merge({"telemetry": {"address": ""}}, self.extra)  # trials never bind one address
+        # trials never share one telemetry address
+        o: dict[str, Any] = configuration.merge({"telemetry": {"address": ""}}, self.extra)
         if self.epochs is not None:
             o = configuration.merge(o, {"train": {"epochs": self.epochs}})
         if self.data_limit is not None:
@@ -375,40 +376,6 @@ def _tune(pending: list[dict], out: Path, bench: str, *, asha: bool, asha_grace:
         resources[require_bench(bench)] = 1
     by_name = {t["name"]: t for t in pending}
 
-    class Ledger(tune.Callback):
-        """Writes each trial's line to results.jsonl as Tune reports it, and prints the progress."""
-
-        def __init__(self) -> None:
-            self.started: set[str] = set()
-            self.ended: dict[str, str] = {}  # name -> "ok" | "failed"
-
-        def _progress(self) -> str:
-            failed = sum(1 for v in self.ended.values() if v == "failed")
-            running = len(self.started - set(self.ended))
-            return (f"[sweep] {skipped + len(self.ended)}/{total} done ({failed} failed), {running} running, "
-                    f"{len(pending) - len(self.started | set(self.ended))} queued")
-
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.started.add(trial.config["trial"]["name"])
-            echo(f"{self._progress()}; started {trial.config['trial']['name']}")
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            t = by_name[trial.config["trial"]["name"]]
-            row = make_row(t, trial.last_result)
-            _append(out, row)
-            self.ended[t["name"]] = "ok"
-            acc = row["test_accuracy"]
-            echo(f"{self._progress()}; {t['name']} {'stopped early' if row['stopped_early'] else 'ok'}: "
-                 f"{'-' if acc is None else f'{100 * acc:.2f} %'} after {row['epochs']} epochs")
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            t = by_name[trial.config["trial"]["name"]]
-            row = make_row(t, trial.last_result, error=_error_text(trial))
-            _append(out, row)
-            self.ended[t["name"]] = "failed"
-            last = [ln for ln in row["error"].splitlines() if ln.strip()][-1:]
-            echo(f"{self._progress()}; {t['name']} FAILED: {last[0][:200] if last else ''}")
-
     max_t = max(t["epochs"] for t in pending)
     scheduler = ASHAScheduler(time_attr="epoch", metric="test_accuracy", mode="max", max_t=max_t,
                               grace_period=min(asha_grace, max_t), reduction_factor=asha_reduction) if asha else None
@@ -425,7 +392,8 @@ def _tune(pending: list[dict], out: Path, bench: str, *, asha: bool, asha_grace:
         ),
         run_config=tune.RunConfig(
             name=time.strftime("tune-%Y%m%d-%H%M%S"), storage_path=str(out / "tune"), verbose=0,
-            callbacks=[Ledger()], failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            callbacks=[_ledger_class()(out, pending, total, skipped, echo)],
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
     echo(f"[sweep] {len(pending)} trial(s) on Ray, 1 CPU each" + (f" and bench {bench}" if bench else ""))
@@ -440,3 +408,57 @@ def _tune(pending: list[dict], out: Path, bench: str, *, asha: bool, asha_grace:
 class _NoRestoreHint(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "Tuner.restore" not in record.getMessage()
+
+
+def _ledger_class() -> type:
+    """The Tune callback class (defined when Ray is imported; module level so that Tune can pickle it)."""
+    global _LEDGER
+    if _LEDGER is None:
+        from ray import tune
+
+        class Ledger(tune.Callback):
+            """Writes each trial's line to results.jsonl as Tune reports it, and prints the progress."""
+
+            def __init__(self, out: Path, pending: list[dict], total: int, skipped: int,
+                         echo: Callable[[str], None]) -> None:
+                self.out, self.pending, self.total, self.skipped, self.echo = out, pending, total, skipped, echo
+                self.by_name = {t["name"]: t for t in pending}
+                self.started: set[str] = set()
+                self.ended: dict[str, str] = {}  # name -> "ok" | "failed"
+
+            def __getstate__(self) -> dict:
+                return {}  # Tune pickles its callbacks into its experiment state; the ledger is never restored from it
+
+            def _progress(self) -> str:
+                failed = sum(1 for v in self.ended.values() if v == "failed")
+                running = len(self.started - set(self.ended))
+                queued = len(self.pending) - len(self.started | set(self.ended))
+                return (f"[sweep] {self.skipped + len(self.ended)}/{self.total} done ({failed} failed), "
+                        f"{running} running, {queued} queued")
+
+            def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                self.started.add(trial.config["trial"]["name"])
+                self.echo(f"{self._progress()}; started {trial.config['trial']['name']}")
+
+            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                t = self.by_name[trial.config["trial"]["name"]]
+                row = make_row(t, trial.last_result)
+                _append(self.out, row)
+                self.ended[t["name"]] = "ok"
+                acc = row["test_accuracy"]
+                self.echo(f"{self._progress()}; {t['name']} {'stopped early' if row['stopped_early'] else 'ok'}: "
+                          f"{'-' if acc is None else f'{100 * acc:.2f} %'} after {row['epochs']} epochs")
+
+            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                t = self.by_name[trial.config["trial"]["name"]]
+                row = make_row(t, trial.last_result, error=_error_text(trial))
+                _append(self.out, row)
+                self.ended[t["name"]] = "failed"
+                last = [ln for ln in row["error"].splitlines() if ln.strip()][-1:]
+                self.echo(f"{self._progress()}; {t['name']} FAILED: {last[0][:200] if last else ''}")
+
+        _LEDGER = Ledger
+    return _LEDGER
+
+
+_LEDGER: type | None = None
