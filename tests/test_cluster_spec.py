@@ -76,6 +76,9 @@ def test_results_rows_table_and_plot(tmp_path):
     rows.append(make_row(trials[3], None, error="RayActorError: the actor died unexpectedly"))
     assert rows[3]["status"] == "failed" and rows[3]["test_accuracy"] is None and rows[3]["error"]
     assert rows[0]["status"] == "ok" and not rows[0]["stopped_early"]
+    asha_cut = make_row(trials[0], {"test_accuracy": 0.5, "epoch": 1})  # ASHA stopped it after epoch 1 of 3
+    asha_at_end = make_row(trials[0], {"test_accuracy": 0.5, "epoch": 3})  # stopped at its last epoch: finished
+    assert asha_cut["stopped_early"] and asha_cut["status"] == "ok" and not asha_at_end["stopped_early"]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn', encoding="utf-8")
     assert list(read_results(tmp_path)) == [t["name"] for t in trials]  # a torn last line is skipped
     table = summary_table(rows, ["rule.beta"])
@@ -116,7 +119,8 @@ def test_the_bench_decides_instrument_and_limits(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("[bench.x]\ninstrument = 'sim://analog'\nvolts = 3\n", "unknown key"),
     ("[bench.x]\ncalibration = 'c.json'\n", "'instrument'"),
-    ("[bench.x]\ninstrument = 'sim://analog'\n[bench.x.limits]\nmax_pulses_per_device = 500\n", "max_pulses_per_device"),
+    ("[bench.x]\ninstrument = 'sim://analog'\n[bench.x.limits]\nmax_pulses_per_device = 500\n",
+     "max_pulses_per_device"),
     ("[bench.'bad name']\ninstrument = 'sim://analog'\n", "bench name"),
     ("[other]\n", "only \\[bench.NAME\\]"),
     ("[bench.x\n", "cannot read"),

@@ -233,7 +233,9 @@ def make_row(spec: dict[str, Any], result: dict[str, Any] | None, error: str = "
         "best_test_accuracy": _finite(result.get("best_test_accuracy")),
         "samples_per_second": _finite(result.get("samples_per_second")),
         "wall_s": _finite(result.get("wall_s")) or (round(finished - started, 3) if started else None),
-        "run_dir": spec["run_dir"], "epochs": epochs, "stopped_early": not error and not result.get("final"),
+        "run_dir": spec["run_dir"], "epochs": epochs,
+        # ASHA stops a trial between two reports; one stopped at its last epoch has still finished
+        "stopped_early": not error and not result.get("final") and epochs < spec["epochs"],
         "host": result.get("host", record.get("host", "")), "node_id": result.get("node_id", record.get("node_id", "")),
         "bench": spec.get("bench", ""), "started_at": started, "finished_at": finished,
     }
