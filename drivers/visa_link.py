@@ -452,7 +452,8 @@ class VisaLink:
     def _read_one_tagged(self, expect: str, tag: bytes) -> tuple[bytes, int, bytes]:
         """One tagged reply: (its tag, status code, body). A reply of another request is read generically."""
         lead = REPLY_PREFIX_BYTES if self.crc else 0
-        head = bytes(self.res.read_bytes(lead + REPLY_PREFIX))
+        head = bytes(self.res.read_bytes(lead + REPLY_PREFIX + 2))  # every reply has a status byte and one more
+        head, early = head[:-2], head[-2:]
         got = head[lead : lead + TAG_CHARS]
         if head[lead + TAG_CHARS :] != b"," or got[:1] != b'"':
             raise ReplyError(f"expected a tagged reply '\"<tag>\",', got {head!r}")
@@ -461,8 +462,10 @@ class VisaLink:
         except ScpiError as e:
             raise ReplyError(f"malformed reply tag {got!r}") from e
         status = bytearray()
+        pending = bytearray(early)
         while True:  # the status code, up to ',' or LF
-            byte = bytes(self.res.read_bytes(1))
+            byte = bytes(pending[:1]) if pending else bytes(self.res.read_bytes(1))
+            del pending[:1]
             if byte in (b",", b"\n"):
                 break
             status += byte
@@ -470,7 +473,9 @@ class VisaLink:
                 raise ReplyError(f"reply status too long: {bytes(status)!r}")
         rest = b""
         if byte == b",":
-            rest = self._read_body(expect if (got == tag and status == b"0") else "any")
+            rest = self._read_body(expect if (got == tag and status == b"0") else "any", bytes(pending))
+        elif pending:
+            raise ReplyError(f"reply continues after its LF: {bytes(pending)!r}")
         raw = head + bytes(status) + (b"," + rest if byte == b"," else b"")
         self.stats["round_trips"] += 1
         self.stats["bytes_received"] += len(raw) + 1
@@ -487,9 +492,9 @@ class VisaLink:
         log.debug("<- %s %d %r", got.decode("ascii", "replace"), code, rest[:60])
         return got, code, rest
 
-    def _read_block_bytes(self) -> bytes:
+    def _read_block_bytes(self, n: bytes = b"") -> bytes:
         """A definite-length block whose '#' was just read: the header digits and payload, returned with '#'."""
-        n = bytes(self.res.read_bytes(1))
+        n = n or bytes(self.res.read_bytes(1))
         if not n.isdigit() or n == b"0":
             raise ReplyError(f"bad block header digit {n!r}")
         digits = bytes(self.res.read_bytes(int(n)))
@@ -497,21 +502,23 @@ class VisaLink:
             raise ReplyError(f"block length must be {int(n)} ASCII digits, got {digits!r}")
         return b"#" + n + digits + bytes(self.res.read_bytes(int(digits)))
 
-    def _read_body(self, expect: str) -> bytes:
-        """The body after the status's ',', through the LF (not returned)."""
+    def _read_body(self, expect: str, early: bytes = b"") -> bytes:
+        """The body after the status's ',', through the LF (not returned); ``early``: its first byte if read."""
         if expect == "block":
-            first = bytes(self.res.read_bytes(1))
-            if first == b"#":
-                block = self._read_block_bytes()
+            first = (early + bytes(self.res.read_bytes(2 - len(early)))) if len(early) < 2 else early
+            if first[:1] == b"#":
+                block = self._read_block_bytes(first[1:2])
                 if bytes(self.res.read_bytes(1)) != b"\n":
                     raise ReplyError("block reply not terminated by LF")
                 return block
             return first + self._read_line()
         if expect in ("none", "text"):
-            return self._read_line()
+            return early + self._read_line() if early != b"\n" else b""
         out, quote = bytearray(), False  # generic: text with blocks after ',' (STEP?, or a reply to discard)
+        pending = bytearray(early)
         while True:
-            byte = bytes(self.res.read_bytes(1))
+            byte = bytes(pending[:1]) if pending else bytes(self.res.read_bytes(1))
+            del pending[:1]
             if byte == b"\n":
                 return bytes(out)
             if byte == b'"':
