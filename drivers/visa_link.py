@@ -1,10 +1,16 @@
-"""The VISA layer of a SCPI instrument: locked transactions, error-queue draining, reconnect-and-retry.
+"""The VISA layer of the analog board: locked transactions, tagged request/reply, reconnect-and-resend.
 
 PyVISA's layers (bytes -> terminated text -> typed values -> query) plus what lab users ask of a driver: every
-transaction holds the instrument's lock, is logged at DEBUG and counted in ``stats``; after a set command the
-error queue is drained and its entries raised as :class:`InstrumentError`; a timeout or a lost link reconnects,
-and only idempotent transactions are retried (bounded). A query the instrument refused sends no reply
-(IEEE 488.2), so after a silent query the error queue is asked before the link is blamed.
+transaction holds the instrument's lock, is logged at DEBUG and counted in ``stats``. Two kinds of exchange:
+
+- untagged, plain SCPI (:meth:`VisaLink.ask`, :meth:`VisaLink.collect_errors`, :meth:`VisaLink.run`): only while
+  opening a connection (revision, identity, instance, topology) and right after a reconnect, on a connection
+  that carries no stale bytes; a query the instrument refused sends no reply (IEEE 488.2), so after a silent
+  query the error queue is asked before the link is blamed;
+- tagged (:meth:`VisaLink.transact`, protocols/analog_board.md section 4): every other message, fenced with the
+  bound instance and numbered with a request id; its reply carries the tag, so replies to other requests are
+  discarded, and after any anomaly the same bytes are resent on a new connection: the board's duplicate cache
+  answers a repeat without running it again.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from eqprop_hil.drivers.errors import AccessDenied, InstanceChanged, InstrumentE
 from eqprop_hil.drivers.timeouts import visa_ms
 from eqprop_hil.protocols import ieee_block
 from eqprop_hil.protocols.auth import AUTH_REFUSED_LINE, TOKEN_ENV, auth_query
-from eqprop_hil.protocols.errors import BlockError, ScpiError
+from eqprop_hil.protocols.errors import ScpiError
 from eqprop_hil.protocols.scpi import parse_error_entry
 from eqprop_hil.protocols.scpi_integrity import (
     INTEGRITY_ERROR, REPLY_PREFIX_BYTES, IntegrityError, crc32, decode_reply, encode_request,
@@ -259,44 +265,6 @@ class VisaLink:
             reply = self._verified(reply.encode("ascii")).decode("ascii")
         return reply
 
-    def _read_crc_block(self) -> bytes:
-        """Read ``#H<crc>,`` + one definite-length block + LF byte by byte counts (a block may hold 0x0A) and
-        return the verified block (header included)."""
-        head = bytes(self.res.read_bytes(13))  # '#H' 8 hex ',' '#' <n>
-        n = head[12:13]
-        if head[11:12] != b"#" or not n.isdigit() or n == b"0":
-            raise ReplyError(f"expected '#H<crc>,#<n>' before a block, got {head!r}")
-        digits = bytes(self.res.read_bytes(int(n)))
-        if not digits.isdigit() or int(digits) > ieee_block.MAX_BLOCK_BYTES:
-            raise ReplyError(f"block length must be {int(n)} ASCII digits, got {digits!r}")
-        rest = bytes(self.res.read_bytes(int(digits) + 1))
-        if rest[-1:] != b"\n":
-            raise ReplyError(f"block reply not terminated by LF: ...{rest[-8:]!r}")
-        self.stats["round_trips"] += 1
-        self.stats["bytes_received"] += len(head) + len(digits) + len(rest)
-        return self._verified(head + digits + rest[:-1])
-
-    def read_block(self, count: int, datatype: str = "f") -> np.ndarray:
-        if self.crc:
-            try:
-                values = ieee_block.decode_block(self._read_crc_block(), datatype)  # type: ignore[arg-type]
-            except BlockError as e:
-                raise ReplyError(f"malformed binary block: {e}") from e
-        else:
-            try:
-                values = self.res.read_binary_values(datatype=datatype, is_big_endian=False, container=np.ndarray)
-            except (ValueError, visa_errors.InvalidBinaryFormat) as e:
-                raise ReplyError(f"malformed binary block: {e}") from e
-            self.stats["round_trips"] += 1
-            nbytes = values.size * values.itemsize
-            self.stats["bytes_received"] += nbytes + 3 + len(str(nbytes))
-        log.debug("<- <block %d x %s>", values.size, datatype)
-        if values.size != count:
-            raise ReplyError(f"block holds {values.size} elements, expected {count}")
-        if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
-            raise ReplyError(f"block contains NaN or infinity: {values[~np.isfinite(values)][:4]}")
-        return np.array(values, dtype=np.float32 if datatype == "f" else values.dtype)
-
     def ask(self, command: str) -> str:
         self.write(command)
         return self.read()
@@ -321,51 +289,6 @@ class VisaLink:
             code, message = entries[0]
             more = f" (+{len(entries) - 1} more: {entries[1:]})" if len(entries) > 1 else ""
             raise InstrumentError(code, message + more, command)
-
-    def query(self, command: str) -> str:
-        return self.run(lambda: self.ask(command), what=command)
-
-    def set(self, command: str, block: np.ndarray | None = None, datatype: str = "f", *, idempotent: bool = True,
-             opc: bool = False) -> None:
-        """Write, wait for ``*OPC?`` if asked, then drain the error queue (entries raise InstrumentError)."""
-
-        def operation() -> None:
-            self.write(command, block, datatype)
-            if opc:
-                self.write("*OPC?")
-                reply = self.read()
-                if reply != "1":
-                    raise ReplyError(f"*OPC? after {command!r} answered {reply!r}, expected 1")
-            self.check(command)
-
-        self.run(operation, idempotent=idempotent, what=command)
-
-    def query_block(self, command: str, count: int, block: np.ndarray | None = None, *,
-                     idempotent: bool = True) -> np.ndarray:
-        def operation() -> np.ndarray:
-            self.write(command, block)
-            return self.read_block(count)
-
-        return self.run(operation, idempotent=idempotent, what=command)
-
-    def query_bytes(self, command: str) -> bytes:
-        """A query answered by a block of raw bytes (e.g. UTF-8 JSON)."""
-
-        def operation() -> bytes:
-            self.write(command)
-            try:
-                if self.crc:
-                    raw = ieee_block.split_block(self._read_crc_block())[0]
-                else:
-                    raw = self.res.read_binary_values(datatype="B", container=bytes)
-                    self.stats["round_trips"] += 1
-                    self.stats["bytes_received"] += len(raw) + 3 + len(str(len(raw)))
-            except (ValueError, visa_errors.InvalidBinaryFormat) as e:  # BlockError is a ValueError
-                raise ReplyError(f"malformed block after {command!r}: {e}") from e
-            log.debug("<- <block of %d bytes> %r", len(raw), bytes(raw[:80]))
-            return bytes(raw)
-
-        return self.run(operation, what=command)
 
     # ------------------------------------------------------------------------------------------ tagged (protocol 2)
     def transact(self, text: str, block: np.ndarray | bytes | None = None, datatype: str = "f", *,
