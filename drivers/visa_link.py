@@ -35,7 +35,8 @@ from eqprop_hil.protocols.scpi_integrity import (
     INTEGRITY_ERROR, REPLY_PREFIX_BYTES, IntegrityError, crc32, decode_reply, encode_request,
 )
 from eqprop_hil.protocols.scpi_tags import (
-    ID_MODULUS, INSTANCE_MISMATCH, REPLY_PREFIX, TAG_CHARS, TagError, make_tag, parse_tag, tagged,
+    ID_MODULUS, INSTANCE_MISMATCH, REPLY_PREFIX, REQUEST_CONFLICT, REQUEST_STALE, TAG_CHARS, TagError, make_tag,
+    parse_tag, tagged,
 )
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class VisaLink:
         self.instance: str | None = None  # the instance every tagged message is fenced with (spec 4.2)
         self.next_id = 0  # request id of the next tagged message
         self._unsettled: tuple[int, int] | None = None  # (digest, request id) of a message whose fate is unknown
-        self.stats.update(dict.fromkeys(("resent_same_id", "stale_replies"), 0))
+        self.stats.update(dict.fromkeys(("resent_same_id", "stale_replies", "id_resyncs"), 0))
         try:
             self._rm = pyvisa.ResourceManager(backend)
         except (OSError, ValueError) as e:
@@ -313,12 +314,12 @@ class VisaLink:
         with self.lock:
             if self.res is None:
                 raise LinkError(f"{text.split(' ')[0]}: the link to {self.resource_name} is closed")
-            if self._unsettled is not None and self._unsettled[0] == digest:
-                rid = self._unsettled[1]  # the same command again after a failure: same id, at most once
+            fresh = not (self._unsettled is not None and self._unsettled[0] == digest)
+            if not fresh:
+                rid = self._unsettled[1]  # type: ignore[index]  # the same command after a failure: same id
                 self.stats["resent_same_id"] += 1
             else:
-                rid = self.next_id
-                self.next_id = (self.next_id + 1) % ID_MODULUS
+                rid = self._allocate()
             message = tagged(text.encode("ascii"), self.instance, rid)
             wire = encode_request(message, payload) if self.crc else message + payload
             what = text.strip()[:40]
@@ -345,6 +346,15 @@ class VisaLink:
                     if code == INTEGRITY_ERROR:
                         self.stats["integrity_refused"] += 1
                     continue
+                if code in (REQUEST_CONFLICT, REQUEST_STALE) and fresh and attempt < self.retries:
+                    # another controller moved the board's id space on; this message never ran anywhere (spec
+                    # 4.2), so it may go again with an id after the board's newest
+                    self.next_id = (int(self.ask("SYST:REQ:LAST?")) + 1) % ID_MODULUS
+                    rid = self._allocate()
+                    message = tagged(text.encode("ascii"), self.instance, rid)
+                    wire = encode_request(message, payload) if self.crc else message + payload
+                    self.stats["id_resyncs"] += 1
+                    continue
                 self._unsettled = None
                 if code == 0:
                     return body
@@ -361,6 +371,11 @@ class VisaLink:
                     raise InstanceChanged(self.instance, actual, what)
                 raise InstrumentError(code, message_text, what)
         raise LinkError(f"{what}: unreachable")  # the loop returns or raises
+
+    def _allocate(self) -> int:
+        rid = self.next_id
+        self.next_id = (self.next_id + 1) % ID_MODULUS
+        return rid
 
     def _read_tagged(self, tag: bytes, expect: str) -> tuple[int, bytes]:
         """Read replies until the one carrying ``tag``; others (stale, duplicated) are read whole and dropped."""

@@ -454,3 +454,16 @@ def test_faults_busy_refuses_and_power_cycle_keeps_weights() -> None:
         assert int(ask(res, b"*ESR?")) & 0x80  # power-on bit
         np.testing.assert_array_equal(ask_block(res, b"WEIG? 0").reshape(4, 3), weights)  # conductances kept
         res.close()
+
+
+def test_two_controllers_share_the_boards_request_ids(server: AnalogServer) -> None:
+    """Spec 4.2: the id space is the board's; a fresh message refused as stale (another controller's ids moved
+    on) never ran, so the driver renumbers it after the board's newest id and sends it again."""
+    with AnalogBoard(server.resource, timeout_s=3.0) as a, AnalogBoard(server.resource, timeout_s=3.0) as b:
+        for i in range(5):
+            a.set_feedback_gain(1, 0.1 * i)
+            assert b.feedback_gain(1) == pytest.approx(0.1 * i)
+            assert b.apply_pulses(0, np.ones((4, 3), np.int8)) == {"pulses": 12}
+            assert len(a.read_state()) == 3
+        assert a.stats["id_resyncs"] + b.stats["id_resyncs"] > 0
+        assert server.counters["pulse_commands"] == 5 and a.pulse_commands_executed == 5
