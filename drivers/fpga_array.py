@@ -200,6 +200,14 @@ class FpgaArray(CloseCallbacks):
             raise ValueRangeError(f"pulse matrix of shape {raw.shape} for edge {edge}; expected {shape}")
         checked = self.limits.check_counts(raw)
         self._check_budget(int(np.abs(checked.astype(np.int64)).sum()))
+        if not checked.any():
+            return PulseResult(pulses=0)  # nothing to fire, nothing to send
+        sparse = pulse_update(edge, feedback, checked)
+        if sparse["form"] != 0 and m.FENCE.size + 1 + update_bytes(sparse) <= m.MAX_PAYLOAD:
+            # Mostly zeros: one APPLY_SPARSE (index, count) command instead of dense row chunks (fpga_serial.md 5.2).
+            pulses = int(self._call(Opcode.APPLY_SPARSE, updates=[sparse])["pulses"])
+            self.stats["pulses_sent"] += pulses
+            return PulseResult(pulses=pulses)
         step = m.rows_per_chunk(shape[1], 1, m.PULSE_FIXED)
         fired = 0
         for start in range(0, shape[0], step):
