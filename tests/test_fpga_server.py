@@ -59,7 +59,7 @@ def test_strangers_do_not_lock_the_token_holder_out() -> None:
             deadline = time.monotonic() + 30
             while server.counters["send_timeouts"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.05)  # polling the emulator's counter, not waiting for an outcome
-            assert server.counters["idle_closed"] == 3 and server.counters["send_timeouts"] == 1
+            assert server.counters["idle_closed"] >= 3 and server.counters["send_timeouts"] == 1
         finally:
             for sock in (*silent, hog):
                 sock.close()
