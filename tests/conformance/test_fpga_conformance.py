@@ -480,7 +480,9 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
 
 def test_s7_2_up_to_eight_connections_are_served_at_once_a_ninth_is_closed(tcp_device: tuple[Any, str]) -> None:
     address = _tcp(tcp_device)
-    clients = [Client(tcp_device[1]) for _ in range(8)]
+    held = 1 if HARDWARE else 0  # on a TCP target the module's own client holds one of the 8 connections
+    time.sleep(0.2)  # let the device notice the connections earlier tests closed
+    clients = [Client(tcp_device[1]) for _ in range(8 - held)]
     try:
         for c in clients:
             assert c.call(Opcode.STATUS).status == Status.OK
