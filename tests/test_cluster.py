@@ -179,10 +179,10 @@ def test_the_accuracy_benchmark_runs_its_trials_as_a_sweep(cluster, tmp_path):
     spec = importlib.util.spec_from_file_location("bench_accuracy_on_ray", path)
     accuracy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(accuracy)
-    assert accuracy.main(["--quick", "--rules", "bp", "--seeds", "0", "1", "--address", c.address,
+    assert accuracy.main(["--quick", "--rules", "bp", "--seeds", "0", "--address", c.address,
                           "--sweep-dir", str(tmp_path / "sweep"), "--out", str(tmp_path)]) == 0
     entry = json.loads((tmp_path / "accuracy.json").read_text(encoding="utf-8"))["digits"]
     assert entry["executed"].startswith("sweep on the Ray cluster")
     rows = _rows(tmp_path / "sweep" / "digits")
-    assert [r["name"] for r in rows] == ["bp-seed0", "bp-seed1"]
+    assert [r["name"] for r in rows] == ["bp-seed0"] and rows[0]["status"] == "ok"
     assert entry["rules"]["bp"]["last_epoch_accuracy"] == [r["test_accuracy"] for r in rows]
