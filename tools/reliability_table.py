@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("kind", "mode", "fault", "rate", "injected", "retries", "resent", "found_applied", "redos",
-           "undo_commands", "crc_refused", "executed", "journal_applied", "outcome")
+           "undo_commands", "rollbacks", "crc_refused", "executed", "journal_applied", "outcome")
 
 
 def table(results: list[dict]) -> str:
@@ -33,7 +33,7 @@ def table(results: list[dict]) -> str:
              "Each row: a short C-EP run (ideal devices, fixed seeds) with one fault kind of the emulator firing "
              "at `rate` per message; `injected` is the emulator's own count. `executed` is the emulator's count of "
              "executed pulse commands, `journal_applied` the journal's acknowledged-or-resolved-applied count. "
-             "`outcome` compares the final weights with the fault-free run's (exact equality).", "",
+             "`outcome` compares the final weights with the fault-free run's (exact equality, or within 4 float32 ulps where a power cycle, a new instance id, made the run re-program its last checkpoint: `rollbacks`).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in results:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |")
