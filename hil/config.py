@@ -42,8 +42,11 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N training samples within an epoch (0 = at epoch ends only)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.data_limit < 0:
-            raise ValueRangeError(f"train.epochs and train.batch_size must be >= 1, data_limit >= 0: {self}")
+        for key, value, least in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
+                                  ("data_limit", self.data_limit, 0), ("checkpoint_every", self.checkpoint_every, 0)):
+            if value < least:
+                raise ConfigError(f"train.{key} = {value}: must be >= {least}"
+                                  + (" (0 = the whole data set)" if key == "data_limit" else ""))
 
 
 @dataclass
@@ -108,8 +111,21 @@ class InstrumentConfig:
 
 @dataclass
 class TelemetryConfig:
+    """Live documents; TOML table ``[telemetry]``. Secrets stay in files (or the environment), never in here."""
+
     address: str = ""  # e.g. tcp://127.0.0.1:5556; empty = no telemetry
-    every_samples: int = 200  # an event document every N training samples
+    every_samples: int = 200  # a "primary" event document every N training samples
+    curve_secret_key_file: str = ""  # a zmq.auth .key_secret certificate: CURVE-encrypts both telemetry sockets
+    token_file: str = ""  # a file holding the snapshot token (default: $EQPROP_HIL_TELEMETRY_TOKEN, else none)
+    wait_for_subscribers: int = 0  # hold the start document until this many subscribers joined (e.g. a Bluesky
+    wait_timeout_s: float = 30.0  # RemoteDispatcher, which has no late-joiner remedy); then start anyway
+
+    def __post_init__(self) -> None:
+        if self.every_samples < 1:
+            raise ConfigError(f"telemetry.every_samples = {self.every_samples}: must be >= 1")
+        if self.wait_for_subscribers < 0 or not (math.isfinite(self.wait_timeout_s) and self.wait_timeout_s > 0):
+            raise ConfigError(f"telemetry.wait_for_subscribers = {self.wait_for_subscribers} must be >= 0 and "
+                              f"telemetry.wait_timeout_s = {self.wait_timeout_s} finite and > 0")
 
 
 @dataclass
