@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "monitor": ("eqprop_hil.cli.monitor", "show a run's live telemetry stream in the terminal"),
 }
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+# what the light install (drivers, emulators) lacks, and the extra that brings it
+TRAIN_EXTRA_MODULES = ("torch", "tqdm", "matplotlib", "sklearn", "event_model")
 
 
 class Terminated(BaseException):
@@ -74,7 +76,10 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | Non
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, module = build_parser(argv)
+    try:
+        parser, module = build_parser(argv)
+    except ModuleNotFoundError as e:
+        return _missing_extra(e, next((a for a in argv if a in COMMANDS), "hil"))
     args = parser.parse_args(argv)
     if module is None:
         parser.print_help()
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except EqpropError as e:
         print(f"hil {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as e:
+        return _missing_extra(e, args.command)
     except KeyboardInterrupt:  # Ctrl-C (the instrument was still closed safely on the way out)
         print(f"hil {args.command}: aborted", file=sys.stderr)
         return EXIT_SIGINT
@@ -98,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _missing_extra(error: ModuleNotFoundError, command: str) -> int:
+    """A light install running a command that needs the training stack: say which extra to install."""
+    if (error.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+        raise error
+    print(f"hil {command}: error: this command needs {error.name}, which the light install leaves out; install "
+          "the training extra: pip install 'eqprop-hil[train]'", file=sys.stderr)
+    return 1
 
 
 def _main_thread() -> bool:
