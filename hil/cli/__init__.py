@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 
 from eqprop_hil import __version__
@@ -47,6 +48,28 @@ def progress_wanted(no_progress: bool = False, quiet: int = 0) -> bool:
     """Progress bars only on a terminal: not with --no-progress / -q, a redirected stderr, or TQDM_DISABLE set."""
     disabled = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no", "off")
     return not (no_progress or quiet or disabled) and sys.stderr.isatty()
+
+
+def output_file(text: str) -> Path:
+    """An argparse type for a file the command writes: its directory must exist (a typo is not silently created)."""
+    path = Path(text).expanduser()
+    if not text or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name in it")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the directory {str(path.parent)!r} does not exist; create it first")
+    return path
+
+
+def default_out_dir(command: str, root: str = "runs") -> Path:
+    """Where a command puts its files when not told: ``runs/<YYYYmmdd-HHMMSS>-<command>/`` (created)."""
+    import datetime
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = Path(root) / f"{stamp}-{command}", 2
+    while path.exists():
+        path, n = Path(root) / f"{stamp}-{command}-{n}", n + 1
+    path.mkdir(parents=True)
+    return path
 
 
 def _verbosity() -> argparse.ArgumentParser:
