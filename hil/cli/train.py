@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         preset = args.preset or configuration.DEFAULT_PRESET
         cfg = configuration.resolve(preset, args.config, overrides(args))
         target = resolve_run_dir(args.run_dir, preset=cfg.name)
-        if args.run_dir is not None and not Path(target).parent.is_dir():
+        if args.run_dir is not None and Path(target).parent != Path("runs") and not Path(target).parent.is_dir():
             raise configuration.ConfigError(f"--run-dir {args.run_dir}: the directory {Path(target).parent} does not "
                                             "exist; create it first (only runs/ is created for you)")
         existed = Path(target).exists()
