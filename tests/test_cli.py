@@ -255,8 +255,8 @@ def test_output_paths_follow_one_convention(tmp_path: Path, monkeypatch, capsys)
     (out_dir,) = (tmp_path / "runs").iterdir()
     assert out_dir.name.endswith("-gdu") and {p.name for p in out_dir.iterdir()} == {"gdu.png", "gdu.json"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "tiny.toml"]  # nothing in the working directory
-    with pytest.raises(SystemExit):
-        main(["train", "--run-dir", "missing/run", "--instrument", "software"])
+    assert main(["train", "--run-dir", "missing/run", "--instrument", "software"]) == 1
+    assert "the directory missing does not exist" in capsys.readouterr().err and not (tmp_path / "missing").exists()
 
 
 def test_readme_names_only_presets_that_exist_and_honest_durations() -> None:
