@@ -460,3 +460,22 @@ def test_monitor_does_not_import_torch() -> None:
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
+
+
+def test_curve_from_zmq_auth_certificate_files_as_bluesky_uses_them(tmp_path: pathlib.Path) -> None:
+    """[telemetry] curve_secret_key_file / --telemetry-curve-key take zmq.auth certificates (Bluesky's curve_config
+    files); a subscriber passes the public .key file."""
+    import zmq.auth
+
+    public_file, secret_file = zmq.auth.create_certificates(str(tmp_path), "server")
+    with pytest.raises(ValueRangeError, match="no secret key"):
+        TelemetryPublisher(curve_secret_key=pathlib.Path(public_file))
+    with pytest.raises(ValueRangeError, match="does not exist"):
+        TelemetryPublisher(curve_secret_key=tmp_path / "missing.key_secret")
+    with TelemetryPublisher(curve_secret_key=pathlib.Path(secret_file), resend_start_every_s=None) as pub:
+        assert pub.public_key == zmq.auth.load_certificate(public_file)[0]
+        with TelemetrySubscriber(pub.address, server_public_key=public_file) as sub:
+            assert pub.wait_for_subscribers(1, WAIT_S)
+            pub.start("curve-files")
+            pub.stop()
+            assert [n for n, _ in _take(sub, 2)] == ["start", "stop"]
