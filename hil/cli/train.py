@@ -59,6 +59,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", metavar="DIR", help="where the run records go (default runs/<time>-<preset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run exactly where it stopped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is not a terminal)")
+    p.add_argument("--cluster", metavar="ADDRESS", help="run on a Ray cluster (HOST:PORT or auto; see docs/cluster.md)")
+    p.add_argument("--bench", metavar="NAME", help="with --cluster: run on the host holding bench NAME, queued while busy")
 
 
 def overrides(args: argparse.Namespace) -> dict:
@@ -114,6 +116,10 @@ def discard_if_never_started(run_dir: RunDir, existed: bool) -> bool:
 def run(args: argparse.Namespace) -> int:
     from eqprop_hil.session import run_training
 
+    if args.cluster or args.bench:
+        from eqprop_hil.cluster.submit import submit_from_args
+
+        return submit_from_args(args, overrides(args))
     progress = progress_wanted(args.no_progress, args.quiet)
     if args.resume:
         run_dir = RunDir.open(args.resume)
