@@ -219,7 +219,10 @@ class TelemetryPublisher:
             while True:
                 wait = None if next_resend is None else max(0.0, next_resend - time.monotonic())
                 ready = dict(poller.poll(zmq_ms(wait)))
-                if self._pipe_out in ready:
+                # Everything the caller published so far goes out (and into the state) before a subscription
+                # or a snapshot request is answered, so neither ever misses a document published before it.
+                while self._pipe_out in ready or self._pipe_out.poll(0):
+                    ready.pop(self._pipe_out, None)
                     frames = self._pipe_out.recv_multipart()
                     if frames == [b"close"]:
                         return
