@@ -156,3 +156,20 @@ def test_cuda_engine_equals_cpu_engine() -> None:
         b.train_batch(x, y)
     for k, v in cpu.parameters().items():
         assert torch.allclose(v, gpu.parameters()[k].cpu(), rtol=1e-9, atol=1e-12), k
+
+
+def test_rate_half_life_engine_equals_oracle_and_halves_the_rate() -> None:
+    cfg = NetworkConfig(sizes=[6, 7, 5, 3], skips=SKIPS, gamma=GAINS)
+    rule = RuleConfig(name="cep", t1=12, t2=5, beta=0.2, lr=RATES, lr_half_life=30)
+    _, fast, slow = _train_both(cfg, rule, batches=12)
+    for k in slow:
+        assert float((fast[k] - slow[k]).abs().max()) <= 1e-9 * float(slow[k].abs().max()), k
+    learner = Learner(Network(cfg, seed=0), rule, seed=0)
+    learner.samples_seen = 60
+    assert learner.rate_scale() == pytest.approx(0.25)
+    state = learner.state_dict()
+    other = Learner(Network(cfg, seed=0), rule, seed=0)
+    other.load_state_dict(state)
+    assert other.samples_seen == 60
+    with pytest.raises(c.ConfigError, match="lr_half_life"):
+        c.resolve("digits-cep", None, {"rule": {"lr_half_life": -1}})

@@ -82,6 +82,7 @@ class BPTTLearner(Learner):
         grads, loss, pred = self.gradient(x, y)
         with torch.no_grad():
             self.apply({k: -g for k, g in grads.items()})
+        self.samples_seen += x.shape[0]
         return BatchResult(float(loss.mean()), int((pred == y.argmax(dim=1)).sum()), pred.cpu())
 
 

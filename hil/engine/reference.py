@@ -56,6 +56,7 @@ class ReferenceLearner(LearnerBase):
             self.apply(self.fre_direction(s_free, y, beta))
         else:
             raise ValueRangeError(f"unknown rule {name!r}")
+        self.samples_seen += x.shape[0]
         return BatchResult(float(loss.mean()), int((pred == labels).sum()), pred)
 
     # ---------------------------------------------------------------- directions
@@ -71,31 +72,31 @@ class ReferenceLearner(LearnerBase):
 
     def continual(self, s: list[torch.Tensor], y: torch.Tensor, beta: float, *, vector_field: bool) -> None:
         """C-EP / C-VF: after every nudged step, update every matrix; the next step uses the new weights."""
-        net, batch = self.net, s[0].shape[0]
+        net, batch, scale = self.net, s[0].shape[0], self.rate_scale()
         g_prev = None if vector_field else phi_grads(net, s)
         for _ in range(self.cfg.t2):
             s_new = net.step(s, self.nudge_term(s, y, beta))
             if vector_field:  # post-synaptic change times pre-synaptic activity (REFERENCE.md section 3)
                 for e, (i, j) in enumerate(net.edges):
-                    c = self.lr[f"W{e}"] / (beta * batch)
+                    c = self.lr[f"W{e}"] * scale / (beta * batch)
                     net.W[e].add_((s_new[j] - s[j]).T @ s[i], alpha=c)
                     if net.B[e] is not None:
                         net.B[e].add_((s_new[i] - s[i]).T @ s[j], alpha=c)
                 if net.config.bias:
                     for k in range(1, len(s)):
-                        net.b[k].add_((s_new[k] - s[k]).mean(dim=0), alpha=self.lr[f"b{k}"] / beta)
+                        net.b[k].add_((s_new[k] - s[k]).mean(dim=0), alpha=self.lr[f"b{k}"] * scale / beta)
             else:
                 g_new = phi_grads(net, s_new)
                 params = net.parameters()
                 for k, g in g_new.items():
-                    params[k].add_(g - g_prev[k], alpha=self.lr[k] / beta)
+                    params[k].add_(g - g_prev[k], alpha=self.lr[k] * scale / beta)
                 g_prev = g_new
             s = s_new
 
     def control_direction(self, s_free: list[torch.Tensor], y: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
         """C-EP's eta -> 0 control: run C-EP with eta * epsilon per step, undo those updates, and return the
         accumulated increment divided by epsilon, which the optimiser then applies once at the full rate."""
-        eps, params = self.cfg.control_epsilon, self.net.parameters()
+        eps, params, scale = self.cfg.control_epsilon, self.net.parameters(), self.rate_scale()
         saved = {k: p.clone() for k, p in params.items()}
         acc = {k: torch.zeros_like(p) for k, p in params.items() if k.startswith(("W", "b"))}
         g_prev, s = phi_grads(self.net, s_free), s_free
@@ -105,7 +106,7 @@ class ReferenceLearner(LearnerBase):
             for k, g in g_new.items():
                 inc = (g - g_prev[k]) / beta  # the per-step C-EP direction (rate 1)
                 acc[k] += inc
-                params[k].add_(inc, alpha=self.lr[k] * eps)
+                params[k].add_(inc, alpha=self.lr[k] * eps * scale)
             g_prev = g_new
         for k, p in params.items():
             p.copy_(saved[k])

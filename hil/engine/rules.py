@@ -35,6 +35,10 @@ class RuleConfig:
     lr_readout: float = 1e-3  # FRE readout
     optimizer: Literal["sgd", "adam"] = "sgd"  # EP, the control and FRE; C-EP/C-VF are per-step SGD by nature
     control_epsilon: float = 1e-6  # cep-control: the tiny fraction of eta applied per step, then undone
+    # > 0: every rate (C-EP's per-step eta included) decays smoothly, halving every this many training samples:
+    # large early steps, small late ones, so the last epochs average out the noise of the per-sample updates.
+    # 0 = constant rates (the papers' setting).
+    lr_half_life: int = 0
 
     def __post_init__(self) -> None:
         if self.t1 < 1 or self.t2 < 1:
@@ -43,6 +47,8 @@ class RuleConfig:
             raise ValueRangeError("rule.beta must be non-zero (the updates divide by it)")
         if self.name in CONTINUAL and self.optimizer != "sgd":
             raise ValueRangeError(f"rule {self.name!r} updates at every nudged step with its own rate: use optimizer = 'sgd'")
+        if self.lr_half_life < 0:
+            raise ValueRangeError(f"rule.lr_half_life = {self.lr_half_life}: must be >= 0 samples (0 = constant rates)")
         if self.symmetric and self.name != "ep":
             raise ValueRangeError("symmetric nudging is implemented for rule 'ep' only")
         lrs = [self.lr] if isinstance(self.lr, (int, float)) else list(self.lr)
@@ -91,6 +97,7 @@ class LearnerBase:
     def __init__(self, net: Network, config: RuleConfig, *, seed: int = 0) -> None:
         self.net, self.cfg = net, config
         self.gen = torch.Generator().manual_seed(seed + 7919)
+        self.samples_seen = 0  # training samples so far: the clock of the rate schedule (checkpointed)
         lrs = config.edge_lrs(len(net.edges))
         self.lr = {f"W{e}": lrs[e] for e in range(len(net.edges))}
         self.lr.update({f"B{e}": lrs[e] for e in range(len(net.edges)) if net.B[e] is not None})
@@ -109,13 +116,20 @@ class LearnerBase:
             return -self.cfg.beta
         return self.cfg.beta
 
+    def rate_scale(self) -> float:
+        """Factor on every rate now: 0.5 ** (samples seen / ``lr_half_life``), or 1 for constant rates."""
+        half_life = self.cfg.lr_half_life
+        return 0.5 ** (self.samples_seen / half_life) if half_life else 1.0
+
     def apply(self, direction: dict[str, torch.Tensor]) -> None:
-        """theta += lr * d (SGD), or Adam on the gradient -d."""
-        params = self.net.parameters()
+        """theta += lr * d (SGD), or Adam on the gradient -d (rates times :meth:`rate_scale`)."""
+        params, scale = self.net.parameters(), self.rate_scale()
         if self.optim is None:
             for k, d in direction.items():
-                params[k].add_(d, alpha=self.lr[k])
+                params[k].add_(d, alpha=self.lr[k] * scale)
             return
+        for group in self.optim.param_groups:
+            group["lr"] = self.lr[group["name"]] * scale
         for k, p in params.items():
             p.grad = -direction[k] if k in direction else None
         self.optim.step()
@@ -132,10 +146,12 @@ class LearnerBase:
         return {
             "generator": self.gen.get_state(),
             "optimizer": self.optim.state_dict() if self.optim is not None else None,
+            "samples_seen": self.samples_seen,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["generator"])
+        self.samples_seen = int(state.get("samples_seen", 0))
         if self.optim is not None and state.get("optimizer") is not None:
             self.optim.load_state_dict(state["optimizer"])
 
@@ -207,6 +223,7 @@ class Learner(LearnerBase):
             self.apply(self.fre_direction(s_free, y, beta))
         else:
             raise ValueRangeError(f"unknown rule {name!r}")
+        self.samples_seen += x.shape[0]
         return BatchResult(float(loss.mean()), int((pred == labels).sum()), pred.cpu())
 
     # ---------------------------------------------------------------- directions
@@ -239,7 +256,8 @@ class Learner(LearnerBase):
                   rate_scale: float = 1.0) -> list[torch.Tensor]:
         """C-EP / C-VF: after every nudged step every parameter moves and the next step uses the new values
         (input edges and biases through the telescoped form, see hil/engine/dynamics.py). Returns s_K."""
-        rates = {k: v * rate_scale for k, v in self.lr.items()}
+        scale = rate_scale * self.rate_scale()
+        rates = {k: v * scale for k, v in self.lr.items()}
         return self._dyn_for(s).run(s, self.cfg.t2, y=self._to_net(y), beta=beta,
                                     continual="cvf" if vector_field else "cep", rates=rates)
 
