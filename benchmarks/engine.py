@@ -41,6 +41,15 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kibibytes
 
 
+def _rss_mib() -> float:
+    """Current resident memory (VmRSS, Linux), MiB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def _setup(preset: str, impl: str, device: str, overrides: dict | None = None):
     """A learner of ``impl`` ("engine" or "oracle") for ``preset`` at batch 20, and one batch of random data."""
     import torch
@@ -99,17 +108,21 @@ def throughput(reps: int, batches: int, device: str) -> list[dict]:
 
 def memory_worker(steps_scale: int, batches: int, device: str) -> dict:
     """One cep-1h engine run in this process: peak RSS before and after training."""
-    import torch  # noqa: F401  (the import's own memory is the baseline)
+    import torch
 
     base = _maxrss_mib()
     cfg, learner, x, y = _setup("cep-1h", "engine", device,
                                 {"rule": {"t1": 40 * steps_scale, "t2": 15 * steps_scale}})
+    rss0 = _rss_mib()
     for _ in range(batches):
         learner.train_batch(x, y)
     _sync(device)
     peak = _maxrss_mib()
+    buffers = sum(t.numel() * t.element_size() for v in vars(learner.dynamics(BATCH)).values() if isinstance(v, list)
+                  for t in v if isinstance(t, torch.Tensor)) / 2**20
     return {"preset": "cep-1h", "t1": cfg.rule.t1, "t2": cfg.rule.t2, "batches": batches,
-            "peak_mib": peak, "after_import_mib": base, "extra_mib": peak - base}
+            "peak_mib": peak, "after_import_mib": base, "rss_before_training_mib": rss0,
+            "rss_after_training_mib": _rss_mib(), "engine_buffers_mib": buffers}
 
 
 def memory(batches: int, threads: int, device: str) -> list[dict]:
@@ -123,7 +136,8 @@ def memory(batches: int, threads: int, device: str) -> list[dict]:
         r = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(r)
         print(f"cep-1h engine, T1/T2 {r['t1']}/{r['t2']}, {batches} batches: peak RSS {r['peak_mib']:.0f} MiB "
-              f"({r['after_import_mib']:.0f} after importing torch, +{r['extra_mib']:.0f})", flush=True)
+              f"(torch imported: {r['after_import_mib']:.0f}); RSS {r['rss_before_training_mib']:.0f} MiB before training, "
+              f"{r['rss_after_training_mib']:.0f} after; engine buffers {r['engine_buffers_mib']:.2f} MiB", flush=True)
     return rows
 
 
