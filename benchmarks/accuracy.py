@@ -48,10 +48,10 @@ TOLERANCE_POINTS = 1.5
 PRESETS = {"ep": "digits-ep", "cep": "digits-cep", "cvf": "digits-cvf", "fre": "digits-fre", "bp": "digits-bp"}
 # data set -> sizes, default epochs (None: the preset's), per-rule epochs and [rule] overrides
 _MNIST_RULES = {  # 784 inputs (REFERENCE.md section 9; measured on mnist5k, see the README's accuracy section):
-    # beta 0.4 with a random sign halves the per-step gain eta/beta of the input weights' feedback on the dynamics
-    # (the nudged phase's x x^T term) at the paper's beta 0.2 and cancels the first-order bias of the larger beta,
-    # which lets C-EP and C-VF run at 2x the paper's C-EP-1h / C-VF-1h rates without the early collapse that
-    # 2x causes at beta 0.2; they still learn more slowly per epoch than EP, hence 60 epochs.
+    # the input weights' per-step change feeds back into the nudged dynamics with gain ~ (eta/beta) lambda_max(x x^T)/B,
+    # about 1 at the paper's C-EP-1h eta and beta 0.2, so 2x eta collapses early. Doubling beta with eta keeps that gain
+    # and doubles the effective rate; a random beta sign cancels the first-order bias of the larger beta. They still
+    # learn more slowly per epoch than EP, hence 60 epochs.
     "cep": {"lr": [0.0112, 0.0056], "beta": 0.4, "beta_sign": "random"},
     "cvf": {"lr": [0.0152, 0.0076], "beta": 0.4, "beta_sign": "random"},
 }
