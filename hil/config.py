@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -38,7 +39,11 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 20
     seed: int = 0
-    device: str = "cpu"  # torch device of the software engine
+    device: str = "cpu"  # torch device of the software engine: "cpu", "cuda" or "cuda:N"
+    # torch intra-op threads, set once when a run starts (0 = torch's default, one per core). Default 1: at batch 20
+    # an operation is microseconds of work, and splitting it over threads only adds barriers; on a busy 2-core
+    # machine 2 threads ran 2-5x slower than 1 (issue 12). Raise it for large batches or a dedicated machine.
+    threads: int = 1
     checkpoint_every: int = 0  # also checkpoint every N training samples within an epoch (0 = at epoch ends only)
 
     def __post_init__(self) -> None:
@@ -47,6 +52,10 @@ class TrainConfig:
             if value < least:
                 raise ConfigError(f"train.{key} = {value}: must be >= {least}"
                                   + (" (0 = the whole data set)" if key == "data_limit" else ""))
+        if self.threads < 0:
+            raise ConfigError(f"train.threads = {self.threads}: must be >= 0 (0 = one per core)")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device = {self.device!r}: must be 'cpu', 'cuda' or 'cuda:N'")
 
 
 @dataclass

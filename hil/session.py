@@ -92,9 +92,18 @@ def _scan_id(path: Path) -> int:
     return 1 + sum(1 for name, _ in read_documents(path) if name == "start")
 
 
+def apply_threads(threads: int) -> None:
+    """Set torch's intra-op thread count once for the process (``[train] threads``; 0 keeps torch's default)."""
+    import torch
+
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def run_training(cfg: RunConfig, run: RunDir, *, resume: bool = False, progress: bool = True) -> Summary:
     from eqprop_hil.telemetry import EVAL_DATA_KEYS, PRIMARY_DATA_KEYS, PULSES_KEY, DocumentLog, RunDocuments
 
+    apply_threads(cfg.train.threads)
     data = prepare_data(cfg)
     if cfg.instrument.resource == "software":
         from eqprop_hil.engine.learners import build_learner
