@@ -366,6 +366,9 @@ class RunDir:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
             want_file, want_tensors, want_rest = manifest["sha256"], manifest["tensors"], manifest["state"]
         except FileNotFoundError as e:
+            legacy = self._legacy_checkpoint(path)
+            if legacy is not None:
+                return legacy
             raise RunError(f"{path} has no manifest {mpath.name} (its save never completed)") from e
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise RunError(f"{path}: its manifest {mpath.name} is unreadable ({type(e).__name__}: {e})") from e
@@ -390,6 +393,21 @@ class RunDir:
         if not file_ok:
             raise RunError(f"{path} is corrupt: its sha256 differs from {mpath.name}")
         return payload["state"]
+
+    @staticmethod
+    def _legacy_checkpoint(path: Path) -> dict | None:
+        """A version-1 checkpoint (written before manifests existed) loads, unverified, with a warning; None for
+        anything else."""
+        import torch
+
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # torch raises many kinds for a damaged file: then it is not a usable legacy one
+            return None
+        if isinstance(payload, dict) and payload.get("format") == "eqprop-hil-checkpoint" and payload.get("version") == 1:
+            log.warning("%s: a version-1 checkpoint without a manifest; loaded unverified", path)
+            return payload["state"]
+        return None
 
     def load_checkpoint(self, *, fallback: bool = False) -> dict | None:
         """The latest checkpoint's state, verified against its manifest, or None if the run has none.
