@@ -10,15 +10,20 @@ of three modes (ARCHITECTURE.md "Update modes"):
 - ``local``: the instrument applies the rule itself during the nudged phase; one round trip per sample where the
   instrument offers :class:`SampleRunner`.
 
+Where the instrument offers :class:`StepRunner`, a nudged step is one round trip: the previous step's pulses, one
+step of the dynamics and every layer's state travel in one compound command (target-mode nudge: the board adds
+``beta (y - o_t)`` itself). Otherwise the step is driven piece by piece (nudge current, settle, read, pulses).
+The increments and their encoding as pulses live in hil/insitu/pulses.py.
+
 Hardware is batch 1: a minibatch of ``B`` is processed sample by sample with the per-step rate ``eta / B``, so
-that the sum over a minibatch matches the batch-mean update of the software engine to first order.
+that the sum over a minibatch matches the batch-mean update of the software engine to first order (the
+hardware presets use ``batch_size = 1``, so that the software engine runs the very same per-sample rule).
 Every pulse command is journaled (write-ahead) before it is sent and marked done on acknowledgement.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import signal
@@ -28,11 +33,12 @@ import numpy as np
 import torch
 
 from eqprop_hil.drivers.errors import LinkError
-from eqprop_hil.drivers.interface import NeuronArray, SampleRunner
+from eqprop_hil.drivers.interface import NeuronArray, SampleRunner, StepRunner
 from eqprop_hil.drivers.limits import Limits
 from eqprop_hil.insitu.calibration import Calibration, CalibrationError, EdgeCalibration
 from eqprop_hil.config import ConfigError, RunConfig
 from eqprop_hil.insitu.journal import PulseJournal
+from eqprop_hil.insitu import pulses
 from eqprop_hil.engine.model import Network
 from eqprop_hil.insitu.recovery import Guard, GuardedArray, RedoSample, entries_since
 from eqprop_hil.engine.rules import BatchResult
@@ -90,10 +96,9 @@ class InSituLearner:
 
     def __init__(self, cfg: RunConfig, array: NeuronArray, calibration: Calibration | None, journal: PulseJournal,
                  *, resume: bool = False, program_initial: bool = True) -> None:
-        self.cfg, self.array, self.journal = cfg, array, journal
+        self.cfg, self.journal = cfg, journal
         self.guard = Guard(array, journal)
-        self.dev = GuardedArray(array, self.guard)  # what the sample loop drives: retried, or redone on a fault
-        self._runner = isinstance(array, SampleRunner)
+        self.attach(array)
         self._applied: list[tuple[int, dict]] = []  # pulse commands of the sample in progress known to have run
         self._ckpt_params: dict | None = None
         # Test hooks (tests/test_crash_resume.py): EQPROP_HIL_CRASH_AT="sample:step:edge" kills this process
@@ -134,6 +139,7 @@ class InSituLearner:
         self.counters = {"pulses_sent": 0, "pulse_commands": 0, "clipped": 0}
         self.transimpedance = float(array.describe().get("transimpedance_ohms", 1e4))
         self._steps: dict[tuple[int, bool], tuple[Any, Any]] = {}
+        self.encoder: pulses.PulseEncoder | None = None  # built by _setup from the calibrated step sizes
         # Program the initial weights even on resume when there is no checkpoint: replaying from the start needs
         # them. A reboot during the set-up loses the volatile settings: set up again until the boot is stable.
         self.guard.boot = self.guard.read_boot()
@@ -144,6 +150,15 @@ class InSituLearner:
             self._settle_pending()
 
     # ------------------------------------------------------------------ set-up
+    def attach(self, array: Any) -> None:
+        """Drive ``array`` from now on (at construction; a benchmark attaches a timing proxy of the same driver):
+        the recovery layer and the sample loop both go through it."""
+        self.array = array
+        self.guard.array = array
+        self.dev = GuardedArray(array, self.guard)  # what the sample loop drives: retried, or redone on a fault
+        self._runner = isinstance(array, SampleRunner)
+        self._stepper = isinstance(array, StepRunner)
+
     def _with_recommended_gain(self, cfg: RunConfig, calibration: Calibration | None) -> RunConfig:
         if calibration is None or calibration.recommended_gain is None:
             raise ConfigError("use_recommended_gain needs a calibration file with a recommended gain (hil calibrate)")
@@ -184,6 +199,10 @@ class InSituLearner:
                 a.set_weight_scale(e, c.scale)
             shape = tuple(self._weights_sw(e, fb).shape)
             self._steps[(e, fb)] = c.step_arrays(shape)
+        if self.mode != "local":
+            self.encoder = pulses.PulseEncoder(self.mode, self._steps, cap=self.cap,
+                                               bit_length=self.cfg.instrument.bit_length, seed=self.cfg.train.seed,
+                                               counters=self.counters)
         if self.mode == "local":
             a.set_local_learning(True, eta=self.eta, beta=abs(self.rule.beta))
         if program:
@@ -231,6 +250,13 @@ class InSituLearner:
         """Explicit current nudge: I = beta (y - o_t) / R, so the board adds R I = beta (y - o_t) volts."""
         self.dev.set_nudge_current(beta * (y - o) / self.transimpedance)
 
+    def _target_nudge(self, beta: float) -> bool:
+        """Whether the board may apply the nudge itself (target mode, ``beta (y - o_t)`` at every step): a
+        positive beta, and the largest current it can amount to, ``beta * 2 V / R`` (outputs and targets lie
+        within +-1 V), within the nudge limit. Otherwise the host sends each step's current, checked."""
+        worst = abs(beta) * 2.0 / self.transimpedance
+        return beta > 0 and worst <= self.array.limits.max_nudge_amperes
+
     def _sample(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Train on one sample; returns the free-phase output (volts)."""
         beta = self._beta()
@@ -245,6 +271,8 @@ class InSituLearner:
             self.dev.nudge_off()
             self.dev.set_phase("HOLD")
             return out
+        if self._stepper:
+            return self._sample_compound(x, y, beta)
         a = self.dev
         self._drive(x)
         s = a.read_state()
@@ -255,73 +283,98 @@ class InSituLearner:
             a.settle(1)
             s_new = a.read_state()
             if self.rule.name != "ep":
-                self._update(self._continual_increments(s, s_new, beta), step=t)
+                self._send(self._commands(s, s_new, beta, t), step=t)
             s = s_new
         a.nudge_off()
         a.set_phase("HOLD")
         if self.rule.name == "ep":
-            self._update(self._ep_increments(s_free, s, beta), step=self.rule.t2)
+            self._send(self._ep_commands(s_free, s, beta), step=self.rule.t2)
         return s_free[-1]
 
-    # ------------------------------------------------------------------ increments -> pulses
-    def _continual_increments(self, s: list[np.ndarray], s_new: list[np.ndarray], beta: float) -> dict:
-        out = {}
-        for e, (i, j) in enumerate(self.net.edges):
-            c = self.eta[e] / beta
-            if self.rule.name == "cvf":
-                out[(e, False)] = ("outer1", c, s_new[j] - s[j], s[i])
-                if self.net.B[e] is not None:
-                    out[(e, True)] = ("outer1", c, s_new[i] - s[i], s[j])
-            else:
-                # s'_j s'_i^T - s_j s_i^T = (s'_j - s_j) s'_i^T + s_j (s'_i - s_i)^T: two rank-1 terms of
-                # *small* vectors, so outer mode fires few pulses instead of two large, mostly cancelling trains.
-                out[(e, False)] = ("outer2", c, (s_new[j] - s[j], s_new[i]), (s[j], s_new[i] - s[i]))
-        return out
+    def _sample_compound(self, x: np.ndarray, y: np.ndarray, beta: float) -> np.ndarray:
+        """:meth:`_sample` with compound steps: nudged step t sends step t-1's pulses, runs one step and reads
+        every state in one round trip. The last step's pulses go in HOLD (nothing moves); the next sample's
+        ``reset`` (and the driver's ``close``) turns the nudge off."""
+        a = self.dev
+        self._drive(x)
+        s = s_free = a.read_state()
+        target = self._target_nudge(beta)
+        if target:
+            a.set_nudge_target(y, beta)
+        a.set_phase("NUDGE")
+        pending: list[dict] = []
+        for t in range(self.rule.t2):
+            if not target:
+                self._nudge(s[-1], y, beta)
+            s_new = self._advance(pending, step=t - 1)
+            pending = self._commands(s, s_new, beta, t) if self.rule.name != "ep" else []
+            s = s_new
+        if self.rule.name == "ep":
+            pending = self._ep_commands(s_free, s, beta)
+        a.set_phase("HOLD")
+        if pending:
+            self._compound(pending, step=self.rule.t2 - 1 if self.rule.name != "ep" else self.rule.t2)
+        return s_free[-1]
 
-    def _ep_increments(self, s0: list[np.ndarray], sb: list[np.ndarray], beta: float) -> dict:
+    def _advance(self, pending: list[dict], *, step: int) -> list[np.ndarray]:
+        """One step of the dynamics and every layer's state: with ``pending`` pulses in one compound command,
+        without them as a settle and a read (an empty compound step would be a pulse command with no pulses)."""
+        if pending:
+            return self._compound(pending, step=step)
+        self.dev.settle(1)
+        return self.dev.read_state()
+
+    # ------------------------------------------------------------------ increments -> pulses (hil/insitu/pulses.py)
+    def _commands(self, s: list[np.ndarray], s_new: list[np.ndarray], beta: float, step: int) -> list[dict]:
+        feedback = [self.net.B[e] is not None for e in range(len(self.net.edges))]
+        inc = pulses.continual_increments(self.rule.name, self.net.edges, feedback, self.eta, s, s_new, beta)
+        return self.encoder.commands(inc, sample=self.samples_seen, step=step)
+
+    def _ep_commands(self, s0: list[np.ndarray], sb: list[np.ndarray], beta: float) -> list[dict]:
         lrs = [lr / self.cfg.train.batch_size for lr in self.rule.edge_lrs(len(self.net.edges))]
-        return {(e, False): ("outer2", lrs[e] / beta, (sb[j] - s0[j], sb[i]), (s0[j], sb[i] - s0[i]))
-                for e, (i, j) in enumerate(self.net.edges)}
+        inc = pulses.ep_increments(self.net.edges, lrs, s0, sb, beta)
+        return self.encoder.commands(inc, sample=self.samples_seen, step=self.rule.t2)
 
-    def _dense(self, term: tuple) -> np.ndarray:
-        kind, c, a, b = term
-        if kind == "outer1":
-            return c * np.outer(a, b)
-        return c * (np.outer(*a) + np.outer(*b))
-
-    def _rng(self, step: int, e: int, fb: bool) -> np.random.Generator:
-        """Counter-based: the rounding noise is a function of (seed, sample, step, matrix), so a resumed run draws
-        exactly what an uninterrupted one would, with no generator state to save."""
-        return np.random.default_rng([self.cfg.train.seed, self.samples_seen, step, e, int(fb)])
-
-    def _update(self, increments: dict, *, step: int) -> None:
-        commands = []
-        for (e, fb), term in increments.items():
-            if self.mode == "outer":
-                commands.extend(self._outer_commands(e, fb, term))
-                continue
-            inc = self._dense(term)
-            up, down = self._steps[(e, fb)]
-            quanta = np.where(inc >= 0, inc / up, inc / down)
-            floor = np.floor(quanta)
-            counts = floor + (self._rng(step, e, fb).random(inc.shape) < (quanta - floor))
-            clipped = np.abs(counts) > self.cap
-            self.counters["clipped"] += int(clipped.sum())
-            counts = np.clip(counts, -self.cap, self.cap).astype(np.int8)
-            if counts.any():
-                commands.append({"edge": e, "feedback": fb, "mode": "matrix", "counts": counts})
+    def _send(self, commands: list[dict], *, step: int) -> None:
+        """Journal (write-ahead), then send, each pulse command of one step, exactly once (hil/insitu/recovery.py).
+        Each entry records the instrument's executed-command count it will find (commands run in id order): a
+        resume without a checkpoint settles a pending entry with it (see _settle_pending)."""
         if not commands:
             return
-        # Each entry records the instrument's executed-command count it will find (commands run in id order): a
-        # resume without a checkpoint settles a pending entry with it (see _settle_pending).
         base, before = {"sample": self.samples_seen, "step": step}, self.guard.expected
         ids = self.journal.begin_many([{**base, **c, "executed_before": before + k} for k, c in enumerate(commands)])
         for jid, c in zip(ids, commands):
             crash = self._crash_at == (self.samples_seen, step, c["edge"])
             ack = self.guard.send(jid, c, lambda c=c: self._fire(c, crash=crash))
             self._applied.append((jid, c))
-            self.counters["pulses_sent"] += int(ack["pulses"]) if ack else 0
+            self.counters["pulses_sent"] += pulses.pulses_of(ack)
             self.counters["pulse_commands"] += 1
+
+    def _compound(self, commands: list[dict], *, step: int) -> list[np.ndarray]:
+        """One compound step (journaled as one pulse command): apply ``commands``, run one step in the current
+        phase, return every layer's state. An executed step whose answer was lost (the counter settled it) has
+        states nobody read: the sample is redone from its start, its pulses undone first."""
+        entry = {"sample": self.samples_seen, "step": step, "edge": commands[0]["edge"],
+                 **pulses.step_entry(commands, 1), "executed_before": self.guard.expected}
+        [jid] = self.journal.begin_many([entry])
+        crash = self._crash_at is not None and any(self._crash_at == (self.samples_seen, step, c["edge"])
+                                                   for c in commands)
+        states: list[list[np.ndarray]] = []
+
+        def fire() -> dict:
+            res, s = self.array.step([pulses.as_update(c) for c in commands], 1)
+            states[:] = [s]
+            if crash:  # the test hook: sent and acknowledged, not yet marked done in the journal
+                os.kill(os.getpid(), signal.SIGKILL)
+            return res
+
+        ack = self.guard.send(jid, {"mode": "step", "updates": commands}, fire)
+        self._applied.extend((jid, c) for c in commands)
+        self.counters["pulses_sent"] += pulses.pulses_of(ack)
+        self.counters["pulse_commands"] += 1
+        if not states or ack is None:
+            raise RedoSample(f"compound step {jid}: executed, but its states were lost with the answer")
+        return states[0]
 
     def _fire(self, c: dict, *, crash: bool = False) -> dict:
         """One pulse command on the wire (journaled by the caller)."""
@@ -354,31 +407,6 @@ class InSituLearner:
             self._settings_back()
             self.guard.undo(self._applied, self._fire, {"sample": self.samples_seen, "step": -1})
         raise LinkError(f"sample {self.samples_seen} failed {self.guard.retries + 1} times; check the link")
-
-    def _outer_commands(self, e: int, fb: bool, term: tuple) -> list[dict]:
-        """A rank-1 term ``c a b^T`` as pulse trains: expected pulses per device ``BL |r_i| |q_k|`` should be
-        ``c a_i b_k / dw``, so ``r q^T = c a b^T / (dw BL)``, split evenly between rows and columns."""
-        kind, c, a, b = term
-        pairs = [(c, a, b)] if kind == "outer1" else [(c, *a), (c, *b)]
-        up, down = self._steps[(e, fb)]
-        dw = float(np.median(np.add(up, down)) / 2)
-        bl = self.cfg.instrument.bit_length
-        out = []
-        for coef, u, v in pairs:
-            nu, nv = float(np.abs(u).max()), float(np.abs(v).max())
-            if nu == 0 or nv == 0 or coef == 0:
-                continue
-            k = abs(coef) * nu * nv / (dw * bl)  # wanted max pulse probability product
-            if k < 1e-12:
-                continue
-            if k > 1.0:  # more than one pulse per slot wanted: the trains saturate and deliver less
-                self.counters["clipped"] += 1
-            ru, rv = min(1.0, np.sqrt(k)), min(1.0, np.sqrt(k))
-            rows = np.sign(coef) * (u / nu) * ru
-            cols = (v / nv) * rv
-            out.append({"edge": e, "feedback": fb, "mode": "outer", "rows": rows.astype(np.float32),
-                        "cols": cols.astype(np.float32), "bit_length": bl})
-        return out
 
     # ------------------------------------------------------------------ learner interface
     def train_batch(self, x: torch.Tensor, y: torch.Tensor) -> BatchResult:
@@ -441,7 +469,8 @@ class InSituLearner:
                     "policy": "resume: executed-command counter", "executed_counter": now,
                     "at_checkpoint": executed, "acknowledged_since": len(known), "pending_that_ran": ran})
             self.guard.expected = now
-            applied = sorted(known + pending[:ran], key=lambda t: t[0])
+            applied = [(jid, c) for jid, e in sorted(known + pending[:ran], key=lambda t: t[0])
+                       for c in pulses.expand_entry(e)]  # a compound step: its updates
             self.guard.undo(applied, self._fire, {"sample": -1, "step": -1, "resume": True})
         else:
             for entry in self.journal.pending():
@@ -514,6 +543,3 @@ class InSituLearner:
         finally:
             self.journal.close()
 
-
-def digest(arr: np.ndarray) -> str:
-    return hashlib.blake2b(arr.tobytes(), digest_size=8).hexdigest()
