@@ -46,10 +46,11 @@ from benchmarks.common import OUT_DIR, Clock, environment, median, print_table, 
 
 PRESET = "digits-hw"
 MODES = ("matrix", "outer", "local")
-TARGETS = {  # name -> sim:// URL (same physics settings as the preset's resource)
+TARGETS = {  # name -> sim:// URL (same physics settings as the preset's resource, without where it runs)
     "analog/tcp": "sim://analog?sizes=64,256,10&activation=sigmoid4&device=soft_bounds&seed=0",
     "fpga/pty": "sim://fpga?sizes=64,256,10&activation=sigmoid4&device=soft_bounds&seed=0&transport=pty",
 }
+PROCESSES = ("own", "thread")  # the emulator in a process of its own, or a server thread of the trainer's
 NOT_LINK = ("close", "snapshot")  # driver calls that are not part of a training step
 
 
@@ -115,8 +116,10 @@ def measure_instrument(url: str, mode: str, samples: int, workdir: Path) -> dict
     try:
         clock = Clock()
         array = learner.array
-        learner.array = timed(array, clock)
-        learner.journal = timed(learner.journal, clock, "journal.")
+        # The proxy goes where every driver call passes: the learner's own calls, its recovery layer's
+        # (Guard: pulse commands, counters, boot probes) and the retrying wrapper the sample loop drives.
+        learner.attach(timed(array, clock))
+        learner.journal = learner.guard.journal = timed(learner.journal, clock, "journal.")
         wrapper = TimedLearner(learner, clock, array)
         counters0 = dict(learner.counters)
         train(cfg, wrapper, data, run, progress=False)
@@ -178,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=None, help="training digits per measurement (default 300)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; medians shown (default 3)")
     parser.add_argument("--modes", default=",".join(MODES), help="update modes, comma-separated")
+    parser.add_argument("--process", default=",".join(PROCESSES),
+                        help="where the emulator runs: own (its own process), thread (the trainer's), comma-separated")
     parser.add_argument("--quick", action="store_true", help="smoke test: 10 samples (unless --samples), 1 repeat")
     parser.add_argument("--out", default=str(OUT_DIR / "hil.json"), help="JSON output path")
     args = parser.parse_args(argv)
@@ -187,8 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.repeats = 1
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = sorted(set(modes) - set(MODES))
-    if bad or args.samples < 1 or args.repeats < 1:
-        parser.error(f"modes must be among {MODES} (got {bad}), --samples and --repeats >= 1")
+    processes = [p.strip() for p in args.process.split(",") if p.strip()]
+    if bad or set(processes) - set(PROCESSES) or not processes or args.samples < 1 or args.repeats < 1:
+        parser.error(f"modes must be among {MODES} (got {bad}), --process among {PROCESSES}, "
+                     "--samples and --repeats >= 1")
     logging.getLogger("hil").setLevel(logging.WARNING)
     torch.set_num_threads(1)  # batch-1 tensors: a second thread only adds synchronisation (tests/conftest.py)
 
@@ -201,15 +208,18 @@ def main(argv: list[str] | None = None) -> dict:
                 k += 1
                 reps.append(measure_software(args.samples, batch, Path(tmp) / f"run{k}"))
             results[label] = {"instrument": "software", "mode": f"batch {reps[0]['batch_size']}", **summarise(reps)}
-        for target, url in TARGETS.items():
-            for mode in modes:
-                reps = []
-                for _ in range(args.repeats):
-                    k += 1
-                    reps.append(measure_instrument(url, mode, args.samples, Path(tmp) / f"run{k}"))
-                results[f"{target} {mode}"] = {"instrument": target, "mode": mode, "url": url, **summarise(reps)}
-                print(f"  measured {target} {mode}: {results[f'{target} {mode}']['samples_per_s']:.1f} samples/s",
-                      file=sys.stderr, flush=True)
+        for target, base_url in TARGETS.items():
+            for where in processes:
+                url = f"{base_url}&process={where}"
+                label = f"{target} ({where})"
+                for mode in modes:
+                    reps = []
+                    for _ in range(args.repeats):
+                        k += 1
+                        reps.append(measure_instrument(url, mode, args.samples, Path(tmp) / f"run{k}"))
+                    results[f"{label} {mode}"] = {"instrument": label, "mode": mode, "url": url, **summarise(reps)}
+                    print(f"  measured {label} {mode}: {results[f'{label} {mode}']['samples_per_s']:.1f} samples/s",
+                          file=sys.stderr, flush=True)
 
     columns = ["instrument", "mode", "samples/s", "link ms", "ctrl ms", "ctrl us/step", "journal ms", "B sent",
                "B recv", "RT", "pulse cmds", "pulses"]
@@ -230,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
             "B sent / B recv / RT: bytes written / read by the driver and round trips, per sample",
             "pulse cmds / pulses: pulse commands sent and device pulses fired, per sample",
             "software b20 / b1: the software engine at the preset's batch 20 and at the hardware's batch 1",
-            "emulators run in this process (a server thread): link time includes their physics",
+            "(own): the emulator in a process of its own; (thread): a server thread of this process, sharing its",
+            "  interpreter lock; either way link time includes the emulator's physics",
         ],
     )
     payload = {"benchmark": "hil", "preset": PRESET, "samples": args.samples, "repeats": args.repeats,

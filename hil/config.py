@@ -40,10 +40,21 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"  # torch device of the software engine
     checkpoint_every: int = 0  # also checkpoint every N training samples within an epoch (0 = at epoch ends only)
+    # Learning-rate schedule: the rates of the last epoch as a fraction of rule.lr, linear per epoch in between
+    # (1 = constant). Per-sample (batch 1) updates are noisy; decaying them lets the last epoch settle.
+    lr_final: float = 1.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.data_limit < 0:
             raise ValueRangeError(f"train.epochs and train.batch_size must be >= 1, data_limit >= 0: {self}")
+        if not 0.0 <= self.lr_final <= 1.0:
+            raise ValueRangeError(f"train.lr_final = {self.lr_final!r}: a fraction of the rates, in [0, 1]")
+
+    def rate_scale(self, epoch: int) -> float:
+        """The factor on every learning rate during ``epoch`` (0-based): 1 at the first, ``lr_final`` at the last."""
+        if self.epochs == 1:
+            return 1.0
+        return 1.0 - (1.0 - self.lr_final) * min(epoch, self.epochs - 1) / (self.epochs - 1)
 
 
 @dataclass

@@ -134,6 +134,7 @@ class InSituLearner:
         # With feedback gain g < 1 the error reaching a layer below the output is scaled by g per feedback hop:
         # dividing those edges' rates by g restores the learning speed (REFERENCE.md section 9).
         self.eta = [eta / self.lr_gain ** (top - j) for eta, (_, j) in zip(self.eta, self.net.edges)]
+        self.base_eta, self.rate_scale = list(self.eta), 1.0
         self.cap = cfg.instrument.limits.max_pulses_per_device
         self.samples_seen = 0
         self.counters = {"pulses_sent": 0, "pulse_commands": 0, "clipped": 0}
@@ -331,7 +332,7 @@ class InSituLearner:
         return self.encoder.commands(inc, sample=self.samples_seen, step=step)
 
     def _ep_commands(self, s0: list[np.ndarray], sb: list[np.ndarray], beta: float) -> list[dict]:
-        lrs = [lr / self.cfg.train.batch_size for lr in self.rule.edge_lrs(len(self.net.edges))]
+        lrs = [self.rate_scale * lr / self.cfg.train.batch_size for lr in self.rule.edge_lrs(len(self.net.edges))]
         inc = pulses.ep_increments(self.net.edges, lrs, s0, sb, beta)
         return self.encoder.commands(inc, sample=self.samples_seen, step=self.rule.t2)
 
@@ -409,6 +410,14 @@ class InSituLearner:
         raise LinkError(f"sample {self.samples_seen} failed {self.guard.retries + 1} times; check the link")
 
     # ------------------------------------------------------------------ learner interface
+    def set_rate_scale(self, factor: float) -> None:
+        """Every rate at ``factor`` times its configured value (the loop's schedule, train.lr_final); in local
+        mode the board gets the new rates (and gets them again with the other settings after a reboot)."""
+        self.rate_scale = float(factor)
+        self.eta = [v * self.rate_scale for v in self.base_eta]
+        if self.mode == "local":
+            self.dev.set_local_learning(True, eta=self.eta, beta=abs(self.rule.beta))
+
     def train_batch(self, x: torch.Tensor, y: torch.Tensor) -> BatchResult:
         xs, ys = x.double().numpy(), y.double().numpy()
         outs = []
