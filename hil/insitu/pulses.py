@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from eqprop_hil.insitu.journal import decode_array, encode_array, is_encoded_array
+from eqprop_hil.protocols.errors import ValueRangeError
 
 # A term is ("outer1", c, a, b) meaning c a b^T, or ("outer2", c, (a1, b1), (a2, b2)) meaning c (a1 b1^T + a2 b2^T).
 Term = tuple
@@ -75,8 +76,11 @@ class PulseEncoder:
     def __init__(self, mode: str, steps: dict[Key, tuple[np.ndarray, np.ndarray]], *, cap: int, bit_length: int,
                  seed: int, counters: dict[str, int] | None = None) -> None:
         if mode not in ("matrix", "outer"):
-            raise ValueError(f"pulse encoding for update mode {mode!r}: use matrix or outer")
+            raise ValueRangeError(f"pulse encoding for update mode {mode!r}: use matrix or outer")
         self.mode, self.steps, self.cap, self.bit_length, self.seed = mode, steps, int(cap), int(bit_length), seed
+        # pulses per unit of increment, float32: the rounding runs on every device at every step (the hot path)
+        self._per_unit = {k: ((1.0 / np.asarray(up)).astype(np.float32), (1.0 / np.asarray(down)).astype(np.float32))
+                          for k, (up, down) in steps.items()}
         # outer mode: one nominal step per matrix, the median of the devices' mean of up and down steps
         self._outer_dw = {k: float(np.median(np.add(up, down)) / 2) for k, (up, down) in steps.items()}
         self.counters = counters if counters is not None else {"clipped": 0}  # the learner's, to survive a rebuild
@@ -101,13 +105,13 @@ class PulseEncoder:
 
     def counts(self, key: Key, inc: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Stochastic rounding of ``inc / step`` (unbiased), clipped to +-cap: int8 ``(n_dst, n_src)``."""
-        up, down = self.steps[key]
-        quanta = np.where(inc >= 0, inc / up, inc / down)
+        per_up, per_down = self._per_unit[key]
+        inc = np.asarray(inc, dtype=np.float32)
+        quanta = inc * np.where(inc >= 0, per_up, per_down)
         floor = np.floor(quanta)
-        counts = floor + (rng.random(inc.shape) < (quanta - floor))
-        clipped = np.abs(counts) > self.cap
-        if clipped.any():
-            self.counters["clipped"] += int(clipped.sum())
+        counts = floor + (rng.random(inc.shape, dtype=np.float32) < (quanta - floor))
+        if np.abs(counts).max(initial=0) > self.cap:
+            self.counters["clipped"] += int((np.abs(counts) > self.cap).sum())
             counts = np.clip(counts, -self.cap, self.cap)
         return counts.astype(np.int8)
 
