@@ -61,6 +61,12 @@ def run(args: argparse.Namespace) -> int:
         cfg = configuration.resolve(preset, args.config, overrides(args))
         run_dir = RunDir.create(resolve_run_dir(args.run_dir, preset=cfg.name), cfg.to_dict())
         resume = False
+    if cfg.train.batch_size == 1 or cfg.instrument.resource != "software":
+        # One sample at a time (the hardware's batch, and the software engine on a batch-1 preset): the tensors
+        # are tiny, and a second torch thread only adds synchronisation (tens of times slower on busy cores).
+        import torch
+
+        torch.set_num_threads(1)
     summary = run_training(cfg, run_dir, resume=resume, progress=not args.no_progress)
     print(summary.line(), flush=True)
     if summary.status != "success":
