@@ -1,10 +1,16 @@
-"""Driver of an EP analog board over VISA (``protocols/analog_board.md``), on pyvisa with pyvisa-py by default.
+"""Driver of an EP analog board over VISA (``protocols/analog_board.md``, protocol 2), on pyvisa with pyvisa-py.
 
-Every transaction holds the instance lock, is logged at DEBUG and counted in ``stats``. After each set command
-the error queue is drained and its entries raised as :class:`InstrumentError`; a settle waits on ``*OPC?``.
-A timeout or lost link reconnects; idempotent operations are retried (bounded), pulse commands and training
-samples never are: the driver reconnects and raises :class:`LinkError`, so the caller's journal decides.
-Values are checked against :class:`Limits`, the topology and the board's compliance before anything is sent.
+At open the driver reads the protocol revision (``SYST:PROT?``, refusing any but 2 with
+:class:`ProtocolVersionError` before anything changes the board), the identity, the board's power-up instance
+id (``SYST:INST?``) and its newest request id. From then on every message is **tagged** (spec section 4) with
+the bound instance and a fresh request id, and every reply carries the tag back: a set is acknowledged with its
+status (no ``SYST:ERR?`` or ``*OPC?`` round trip), a board that is not the bound instance refuses what would
+change it (:class:`InstanceChanged`; the driver never rebinds by itself, see :meth:`rebind_instance`), and after a
+timeout, a stall or a garbled reply the driver reconnects and resends the *same bytes*: the board's
+duplicate-request cache answers a repeat without running it again, so every command (pulses included) runs at
+most once, and replies to other requests are discarded, never taken for this one.
+Every transaction holds the instance lock, is logged at DEBUG and counted in ``stats``. Values are checked
+against :class:`Limits`, the topology and the board's compliance before anything is sent.
 """
 
 from __future__ import annotations
@@ -16,25 +22,28 @@ from typing import Any
 
 import numpy as np
 
-from eqprop_hil.drivers.errors import LimitError, ReplyError
-from eqprop_hil.drivers.interface import Identity, Phase, PulseResult, Topology
+from eqprop_hil.drivers.errors import InstanceChanged, LimitError, ProtocolVersionError, ReplyError
+from eqprop_hil.drivers.interface import Identity, Phase, PulseResult, PulseUpdate, Topology
 from eqprop_hil.drivers.lifecycle import CloseCallbacks
 from eqprop_hil.drivers.limits import Limits
 from eqprop_hil.drivers.scpi_property import (
     ScpiProperty, parse_bool, parse_float, parse_int, parse_word, strict_bool, strict_discrete_set, strict_range,
 )
 from eqprop_hil.drivers.visa_link import VisaLink
+from eqprop_hil.protocols import ieee_block
 from eqprop_hil.protocols.auth import token_or_env
-from eqprop_hil.protocols.errors import ValueRangeError
+from eqprop_hil.protocols.errors import BlockError, ScpiError, ValueRangeError
 from eqprop_hil.protocols.scpi import format_number
-from eqprop_hil.protocols.scpi_commands import MAX_BETA, MAX_ETA, MAX_PHASE_STEPS, MAX_SETTLE_STEPS
+from eqprop_hil.protocols.scpi_commands import MAX_BETA, MAX_ETA, MAX_PHASE_STEPS, MAX_SETTLE_STEPS, PROTOCOL_VERSION
 from eqprop_hil.protocols.scpi_integrity import supports_integrity
+from eqprop_hil.protocols.scpi_tags import StepUpdate, check_instance, encode_updates, sparse_update
 
 log = logging.getLogger(__name__)
 
 
 class AnalogBoard(CloseCallbacks):
-    """An analog EP board: ``AnalogBoard("TCPIP0::127.0.0.1::5025::SOCKET")``; implements NeuronArray, SampleRunner."""
+    """An analog EP board: ``AnalogBoard("TCPIP0::127.0.0.1::5025::SOCKET")``; implements NeuronArray (with
+    Fenced), SampleRunner and StepRunner."""
 
     phase = ScpiProperty("Control the phase of the dynamics: FREE, NUDGE or HOLD (no unit).", "PHAS?", "PHAS",
                          parse=parse_word, validator=strict_discrete_set(("FREE", "NUDGE", "HOLD")), invalid="RUN")
@@ -82,31 +91,44 @@ class AnalogBoard(CloseCallbacks):
         self.stats = self._link.stats  # bytes_sent, bytes_received, round_trips, pulses_sent, reconnects, ...
         self._lock = self._link.lock
         try:
-            self._identity = self._link.run(self._read_identity, what="*IDN?")
+            self._identity = self._link.run(self._read_identity, what="SYST:PROT? *IDN?")
             if integrity and supports_integrity(self._identity["firmware"]):
                 self._link.run(self._link.enable_integrity, what="SYST:INT ON")
-                self._identity = self._link.run(self._read_identity, what="*IDN?")  # again, now checked
+                self._identity = self._link.run(self._read_identity, what="SYST:PROT? *IDN?")  # now checked
             elif integrity:
                 log.info("%s firmware %s has no SYST:INT: messages travel without CRC", resource,
                          self._identity["firmware"])
+            self._link.run(self._bind, what="SYST:INST? SYST:REQ:LAST?")
+            self._identity["instance"] = self._link.instance  # type: ignore[typeddict-item]
             self._topology = self._link.run(self._read_topology, what="TOP?")
             self._compliance = self.compliance_amperes
-            self._link.run(self._link.collect_errors)  # stale entries of an earlier session are not ours
         except BaseException:
             self._link.close()
             raise
 
     # ------------------------------------------------------------------------------------------ transactions
     def _query(self, command: str) -> str:
-        return self._link.query(command)
+        return self._link.transact(command, expect="text").decode("ascii", "replace")
 
     def _set(self, command: str, block: np.ndarray | None = None, datatype: str = "f", *, idempotent: bool = True,
              opc: bool = False) -> None:
-        self._link.set(command, block, datatype, idempotent=idempotent, opc=opc)
+        """A tagged set: answered once it has run (so ``opc`` needs no ``*OPC?``); every set runs at most once."""
+        self._link.transact(command, block, datatype)
 
     def _query_block(self, command: str, count: int, block: np.ndarray | None = None, *,
                      idempotent: bool = True) -> np.ndarray:
-        return self._link.query_block(command, count, block, idempotent=idempotent)
+        return self._decode_states(self._link.transact(command, block, expect="block"), count, command)
+
+    def _decode_states(self, data: bytes, count: int, command: str) -> np.ndarray:
+        try:
+            values = ieee_block.decode_block(data, "f")
+        except BlockError as e:
+            raise ReplyError(f"malformed binary block after {command[:30]!r}: {e}") from e
+        if values.size != count:
+            raise ReplyError(f"block holds {values.size} elements, expected {count}")
+        if not np.all(np.isfinite(values)):
+            raise ReplyError(f"block contains NaN or infinity: {values[~np.isfinite(values)][:4]}")
+        return np.array(values, dtype=np.float32)
 
     # ------------------------------------------------------------------------------------------ checks
     def _edge(self, edge: int, feedback: bool) -> tuple[int, int]:
@@ -141,10 +163,48 @@ class AnalogBoard(CloseCallbacks):
 
     # ------------------------------------------------------------------------------------------ Described
     def _read_identity(self) -> Identity:
-        fields = self._link.ask("*IDN?").split(",")
+        """``SYST:PROT?`` then ``*IDN?`` in one go: a revision 1 board answers only the second (spec 4.1)."""
+        self._link.write("SYST:PROT?")
+        self._link.write("*IDN?")
+        first = self._link.read()
+        if first.count(",") == 3:  # the identity came first: SYST:PROT? is unknown there (-113, silent)
+            self._link.collect_errors()
+            found, idn = 1, first
+        else:
+            try:
+                found = int(first)
+            except ValueError as e:
+                raise ReplyError(f"SYST:PROT? must answer an integer, got {first!r}") from e
+            idn = self._link.read()
+        fields = idn.split(",")
         if len(fields) != 4:
             raise ReplyError(f"*IDN? must answer 4 comma-separated fields, got {fields!r}")
-        return {"vendor": fields[0], "model": fields[1], "serial": fields[2], "firmware": fields[3]}
+        if found != PROTOCOL_VERSION:
+            error = ProtocolVersionError(
+                f"{self.resource_name} ({idn}) speaks protocol revision {found}; this driver speaks "
+                f"{PROTOCOL_VERSION} (protocols/analog_board.md); nothing that changes the board was sent: "
+                "update the firmware or use a matching driver")
+            error.supported, error.found = PROTOCOL_VERSION, found  # type: ignore[attr-defined]
+            raise error
+        return {"vendor": fields[0], "model": fields[1], "serial": fields[2], "firmware": fields[3],
+                "protocol": found, "instance": self._link.instance or ""}
+
+    def _bind(self) -> None:
+        """Bind to the board's instance and continue its request ids (spec 4.2: newest accepted id + 1)."""
+        instance = self._parse_instance(self._link.ask("SYST:INST?"))
+        try:
+            last = int(self._link.ask("SYST:REQ:LAST?"))
+        except ValueError as e:
+            raise ReplyError(f"SYST:REQ:LAST? must answer an integer: {e}") from e
+        self._link.instance = instance
+        self._link.next_id = (last + 1) % (1 << 32)
+
+    @staticmethod
+    def _parse_instance(reply: str) -> str:
+        try:
+            return check_instance(reply.strip().strip('"'))
+        except ScpiError as e:
+            raise ReplyError(f"SYST:INST? must answer a string of 16 hex digits, got {reply!r}") from e
 
     def _read_topology(self) -> Topology:
         try:
@@ -187,9 +247,33 @@ class AnalogBoard(CloseCallbacks):
                 "limits": asdict(self.limits), "stats": dict(self.stats),
             }
 
+    # ------------------------------------------------------------------------------------------ Fenced
+    def instance_id(self) -> str:
+        """Get the instance id the board reports now (``SYST:INST?``): 16 hex digits, new at every power-up."""
+        return self._parse_instance(self._query("SYST:INST?"))
+
+    @property
+    def bound_instance(self) -> str:
+        """Get the instance id every message is fenced with (set at open; changed only by rebind_instance)."""
+        return str(self._link.instance)
+
+    def rebind_instance(self) -> str:
+        """Bind to the board's current instance; returns its id. Only after the weights the run needs were
+        re-programmed (or deliberately, for a fresh run): never to silence an InstanceChanged."""
+        with self._lock:
+            instance = self.instance_id()
+            if instance != self._link.instance:
+                log.warning("%s: rebinding from instance %s to %s", self.resource_name, self._link.instance, instance)
+            self._link.instance = instance
+            self._identity["instance"] = instance  # type: ignore[typeddict-item]
+            return instance
+
     def describe(self) -> dict:
         """The board's own description of its physics (``SYST:DESC?``, JSON): device model, converters, ..."""
-        raw = self._link.query_bytes("SYST:DESC?")
+        try:
+            raw, _ = ieee_block.split_block(self._link.transact("SYST:DESC?", expect="block"))
+        except BlockError as e:
+            raise ReplyError(f"SYST:DESC? is not a block: {e}") from e
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
@@ -264,12 +348,9 @@ class AnalogBoard(CloseCallbacks):
 
     # ------------------------------------------------------------------------------------------ Plastic
     def _pulse(self, command: str, block: np.ndarray, datatype: str) -> PulseResult:
-        def operation() -> int:
-            self._link.write(command, block, datatype)
-            self._link.check(command)
-            return parse_int(self._link.ask("PULS:LAST?"))
-
-        fired = self._link.run(operation, idempotent=False, what=command)
+        with self._lock:
+            self._link.transact(command, block, datatype)
+            fired = parse_int(self._query("PULS:LAST?"))
         self.stats["pulses_sent"] += fired
         return {"pulses": fired}
 
@@ -345,9 +426,62 @@ class AnalogBoard(CloseCallbacks):
         t1 = self._count(t1, 1, MAX_PHASE_STEPS, "t1")
         return self._query_block(f"INF? {t1},", sizes[-1], x.astype(np.float32))
 
+    # ------------------------------------------------------------------------------------------ StepRunner
+    def _step_update(self, update: PulseUpdate) -> tuple[StepUpdate, int]:
+        """One update checked against the topology and the limits; (record, worst-case pulses)."""
+        if not isinstance(update, dict):
+            raise ValueRangeError(f"a step update must be a dict (PulseUpdate), got {type(update).__name__}")
+        unknown = set(update) - {"edge", "feedback", "counts", "rows", "cols", "bit_length"}
+        if unknown:
+            raise ValueRangeError(f"unknown step update keys {sorted(unknown)}")
+        edge, feedback = update.get("edge"), bool(update.get("feedback", False))
+        shape = self._edge(edge, feedback)  # type: ignore[arg-type]
+        if "counts" in update:
+            if {"rows", "cols", "bit_length"} & set(update):
+                raise ValueRangeError(f"edge {edge}: give counts or rows/cols/bit_length, not both")
+            arr = np.asarray(update["counts"])
+            if arr.shape != shape:
+                raise ValueRangeError(f"pulse counts of edge {edge} must have shape {shape}, got {arr.shape}")
+            arr = self.limits.check_counts(arr)
+            return sparse_update(int(edge), arr, feedback), int(np.abs(arr.astype(np.int64)).sum())  # type: ignore
+        r = self._vector(update.get("rows"), shape[0], f"outer rows of edge {edge}")
+        c = self._vector(update.get("cols"), shape[1], f"outer cols of edge {edge}")
+        if max(np.abs(r).max(initial=0), np.abs(c).max(initial=0)) > 1:
+            raise LimitError("outer rows and cols must lie in [-1, 1] (firing probabilities); nothing was sent")
+        bit_length = self.limits.check_bit_length(self._count(update.get("bit_length"), 1, 255, "bit length"))
+        vectors = np.concatenate([r, c]).astype(np.float32)
+        worst = bit_length * int(np.count_nonzero(r)) * int(np.count_nonzero(c))
+        return StepUpdate(int(edge), feedback, bit_length=bit_length, vectors=vectors), worst  # type: ignore
+
+    def step(self, updates: list[PulseUpdate], steps: int = 1) -> tuple[PulseResult, list[np.ndarray]]:
+        """Apply ``updates`` (sparse counts or outer trains; all checked first, all or none), settle ``steps``
+        steps in the current phase, return (pulses fired, every layer's state in volts): one round trip,
+        ``STEP?`` (spec 3.8), counted by the board as ONE pulse command; at most once (spec 4.2)."""
+        steps = self._count(steps, 0, MAX_SETTLE_STEPS, "steps")
+        records, worst, seen = [], 0, set()
+        for update in updates:
+            record, pulses = self._step_update(update)
+            if (record.edge, record.feedback) in seen:
+                raise ValueRangeError(f"edge {record.edge} (feedback={record.feedback}) updated twice in one step")
+            seen.add((record.edge, record.feedback))
+            records.append(record)
+            worst += pulses
+        self._budget(worst)
+        sizes = self._topology["sizes"]
+        body = self._link.transact(f"STEP? {steps},", encode_updates(records), expect="text,block")
+        head, _, block = body.partition(b",")
+        try:
+            fired = int(head)
+        except ValueError as e:
+            raise ReplyError(f"STEP? must answer '<pulses>,<block>', got {body[:30]!r}") from e
+        flat = self._decode_states(block, sum(sizes), "STEP?")
+        self.stats["pulses_sent"] += fired
+        return {"pulses": fired}, np.split(flat, np.cumsum(sizes)[:-1])
+
     # ------------------------------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        """Leave the board safe (HOLD, nudge off, input 0), then release the link, even if the first part fails."""
+        """Leave the board safe (HOLD, nudge off, input 0), then release the link, even if the first part fails.
+        A board that is no longer the bound instance is left alone (it is not this run's)."""
         with self._lock:
             if self._link.res is None:
                 return
@@ -355,6 +489,8 @@ class AnalogBoard(CloseCallbacks):
                 self.set_phase("HOLD")
                 self.nudge_off()
                 self._set("INP ", np.zeros(self._topology["sizes"][0], np.float32))
+            except InstanceChanged as e:
+                log.warning("%s: not leaving the board safe: %s", self.resource_name, e)
             finally:
                 self._link.close()
 

@@ -1,6 +1,7 @@
 """Driver of an FPGA neuron array over a serial port (``protocols/fpga_serial.md``), on pyserial.
 
-Implements :class:`eqprop_hil.drivers.interface.NeuronArray` and :class:`SampleRunner`. ``port`` is a device path
+Implements :class:`eqprop_hil.drivers.interface.NeuronArray` (with :class:`Fenced`), :class:`SampleRunner` and
+:class:`StepRunner`. ``port`` is a device path
 (``/dev/ttyUSB0``, a pty slave) or any pyserial URL (``socket://host:port``, ``spy://...``). The link layer
 (:mod:`eqprop_hil.drivers.fpga_link`) frames, numbers and retransmits; this module turns each operation into payloads,
 checks every value against :class:`Limits` before anything is sent, and splits matrices that exceed one
@@ -8,6 +9,11 @@ payload into row chunks.
 
     with FpgaArray("socket://127.0.0.1:5555") as array:
         array.set_input(x); array.set_phase("FREE"); array.settle(30); states = array.read_state()
+
+Instance fencing (``fpga_serial.md`` 4.1): the array binds to the board's power-up instance when it opens; every
+command carries it, so a restarted or swapped board refuses state-changing commands (nothing runs) and the
+driver raises :class:`InstanceChanged`, also when a bridge hid the restart. Only :meth:`rebind_instance` moves
+the binding, never the driver by itself.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ import numpy as np
 
 from eqprop_hil.drivers.errors import DeviceRestarted, DriverError, LimitError
 from eqprop_hil.drivers.fpga_link import FpgaLink
-from eqprop_hil.drivers.interface import Identity, Phase, PulseResult, Topology
+from eqprop_hil.drivers.interface import Identity, Phase, PulseResult, PulseUpdate, Topology
 from eqprop_hil.drivers.lifecycle import CloseCallbacks
 from eqprop_hil.drivers.limits import Limits
 from eqprop_hil.protocols import fpga_messages as m
 from eqprop_hil.protocols.auth import token_or_env
 from eqprop_hil.protocols.errors import ValueRangeError
 from eqprop_hil.protocols.fpga_messages import Opcode
+from eqprop_hil.protocols.fpga_updates import outer_update, pulse_update, update_bytes
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,7 @@ class FpgaArray(CloseCallbacks):
         try:
             for attempt in range(3):
                 try:
-                    self.link.sync()
+                    self.link.bind()
                     self._topology = self._read_topology()
                     break
                 except DeviceRestarted:  # a reboot while opening loses nothing of ours: sync again
@@ -62,17 +69,40 @@ class FpgaArray(CloseCallbacks):
     def _call(self, opcode: Opcode, **fields: Any) -> dict[str, Any]:
         if self._closed:
             raise DriverError(f"{opcode.name} on a closed FpgaArray ({self.link.port}); open a new one")
-        body = self.link.transact(opcode, m.encode_request(opcode, **fields))
-        return m.decode_response(opcode, body)
+        return self.link.call(opcode, **fields)
 
     # ------------------------------------------------------------------------------------------ description
     def identity(self) -> Identity:
-        reply = self._call(Opcode.IDENTIFY)
-        return Identity(vendor=reply["vendor"], model=reply["model"], serial=reply["serial"], firmware=reply["firmware"])
+        """IDENTIFY plus the protocol revision and the instance id of the board answering now (not checked
+        against the bound instance: compare ``instance`` with :attr:`bound_instance` to see a restart)."""
+        if self._closed:
+            raise DriverError(f"IDENTIFY on a closed FpgaArray ({self.link.port}); open a new one")
+        reply = self.link.call(Opcode.IDENTIFY, check_instance=False)
+        return Identity(vendor=reply["vendor"], model=reply["model"], serial=reply["serial"], firmware=reply["firmware"],
+                        protocol=self.link.protocol, instance=m.instance_hex(self.link.instance or 0))  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ fencing
+    def instance_id(self) -> str:
+        """The instance id the board reports now (a fresh IDENTIFY): ``"9f2c4e1a07b3d5c8"``."""
+        return self.identity()["instance"]
+
+    @property
+    def bound_instance(self) -> str:
+        """The instance id every command is fenced with (set at open, moved only by :meth:`rebind_instance`)."""
+        return m.instance_hex(self.link.fence)
+
+    def rebind_instance(self) -> str:
+        """Bind to the board's current instance (SYNC, then fence with its id) and return the id. Only for a
+        caller that re-programs the weights the run needs right after (or starts afresh): never to silence an
+        :class:`InstanceChanged`."""
+        old = self.bound_instance
+        new = m.instance_hex(self.link.bind())
+        if new != old:
+            log.warning("%s rebound from instance %s to %s", self.link.port, old, new)
+        return new
 
     def _read_topology(self) -> Topology:
-        body = self.link.transact(Opcode.TOPOLOGY, b"")
-        reply = m.decode_response(Opcode.TOPOLOGY, body)
+        reply = self.link.call(Opcode.TOPOLOGY)
         flat = [int(v) for v in reply["edges"]]
         edges = [(flat[k], flat[k + 1]) for k in range(0, len(flat), 2)]
         feedback = "untied" if reply["feedback"] else "tied"
@@ -104,7 +134,8 @@ class FpgaArray(CloseCallbacks):
             "gains": [self.feedback_gain(e) for e in range(n_edges)],
             "scales": [self.weight_scale(e) for e in range(n_edges)],
             "local_learning": {"enabled": enabled, "eta": eta, "beta": beta}, "status": self.status(),
-            "device": self.describe(), "boot": self.link.boot, "limits": vars(self.limits).copy(),
+            "device": self.describe(), "boot": self.link.boot, "bound_instance": self.bound_instance,
+            "limits": vars(self.limits).copy(),
         }  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ driving
@@ -257,6 +288,74 @@ class FpgaArray(CloseCallbacks):
         if not 0 <= int(t1) <= 0xFFFF:
             raise ValueRangeError(f"t1={t1!r} outside 0..65535 steps")
         return self._call(Opcode.INFER, t1=int(t1), volts=self._input(volts))["output"]
+
+    # ------------------------------------------------------------------------------------------ step runner
+    def step(self, updates: list[PulseUpdate], steps: int = 1) -> tuple[PulseResult, list[np.ndarray]]:
+        """One STEP round trip: apply ``updates`` (all checked against the limits first: all or none), run
+        ``steps`` steps in the current phase, return (pulses fired, every layer's state in volts, input first).
+
+        The board counts the whole step as ONE pulse command (none when ``updates`` is empty); a retransmission
+        is answered from its response cache, never executed twice."""
+        if isinstance(steps, bool) or not 0 <= int(steps) <= 0xFFFFFFFF:
+            raise ValueRangeError(f"STEP steps {steps!r} outside 0..2**32-1")
+        wire = self._updates(updates)
+        reply = self._call(Opcode.STEP, steps=int(steps), updates=wire)
+        pulses = int(reply["pulses"])
+        self.stats["pulses_sent"] += pulses
+        sizes = self._topology["sizes"]
+        flat = reply["states"]
+        if flat.size != sum(sizes):
+            raise DriverError(f"STEP returned {flat.size} state values, expected {sum(sizes)} for layers {sizes}")
+        return PulseResult(pulses=pulses), list(np.split(flat, np.cumsum(sizes)[:-1]))
+
+    def apply_sparse(self, updates: list[PulseUpdate]) -> PulseResult:
+        """APPLY_SPARSE: several matrices' pulse updates in sparse form, ONE pulse command (no settle)."""
+        wire = self._updates(updates)
+        pulses = int(self._call(Opcode.APPLY_SPARSE, updates=wire)["pulses"]) if wire else 0
+        self.stats["pulses_sent"] += pulses
+        return PulseResult(pulses=pulses)
+
+    def _updates(self, updates: list[PulseUpdate]) -> list[dict[str, Any]]:
+        """Check every update against the topology and the limits (nothing is sent unless all pass) and turn
+        it into its wire form (the smaller of dense and sparse for counts)."""
+        if len(updates) > 255:
+            raise ValueRangeError(f"{len(updates)} updates exceed 255 per STEP")
+        wire: list[dict[str, Any]] = []
+        seen: set[tuple[int, bool]] = set()
+        worst = 0
+        for k, u in enumerate(updates):
+            edge, fb = self._edge(u.get("edge", -1)), bool(u.get("feedback", False))
+            if (edge, fb) in seen:
+                raise ValueRangeError(f"update {k}: edge {edge} (feedback={fb}) given twice in one step")
+            seen.add((edge, fb))
+            shape = self._shape(edge, fb)
+            if "counts" in u:
+                if any(key in u for key in ("rows", "cols", "bit_length")):
+                    raise ValueRangeError(f"update {k}: give counts, or rows/cols/bit_length, not both")
+                raw = np.asarray(u["counts"])
+                if raw.shape != shape:
+                    raise ValueRangeError(f"update {k}: pulse matrix of shape {raw.shape} for edge {edge}; expected {shape}")
+                checked = self.limits.check_counts(raw)
+                worst += int(np.abs(checked.astype(np.int64)).sum())
+                wire.append(pulse_update(edge, fb, checked))
+            elif {"rows", "cols", "bit_length"} <= u.keys():
+                rows_v = self._vector(u["rows"], shape[0], f"update {k} outer rows")
+                cols_v = self._vector(u["cols"], shape[1], f"update {k} outer cols")
+                for name, v in (("rows", rows_v), ("cols", cols_v)):
+                    if np.abs(v).max(initial=0.0) > 1.0:
+                        raise ValueRangeError(f"update {k}: outer {name} must be in [-1, 1], got max |x| = "
+                                              f"{float(np.abs(v).max()):g}")  # fmt: skip
+                bit_length = self.limits.check_bit_length(u["bit_length"])
+                worst += int(np.count_nonzero(rows_v)) * int(np.count_nonzero(cols_v)) * bit_length
+                wire.append(outer_update(edge, fb, rows_v, cols_v, bit_length))
+            else:
+                raise ValueRangeError(f"update {k} needs counts, or rows, cols and bit_length; got {sorted(u)}")
+        self._check_budget(worst)
+        size = m.FENCE.size + 4 + 1 + sum(update_bytes(w) for w in wire)
+        if size > m.MAX_PAYLOAD:
+            raise ValueRangeError(f"the step's updates need {size} payload bytes, more than {m.MAX_PAYLOAD}; send "
+                                  f"the large matrices with apply_pulses (row chunks) instead")  # fmt: skip
+        return wire
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def close(self) -> None:

@@ -6,6 +6,16 @@ BUSY answer, or a dropped connection lead to a bounded number of retransmissions
 the device keeps the responses of its last sequence numbers, so a command whose response was lost is answered
 again and never executed twice. A changed boot counter (or NOT_SYNCED) means the device rebooted and lost that
 cache: :class:`DeviceRestarted` is raised and the next command starts with a SYNC handshake.
+
+Protocol version 2 (``fpga_serial.md`` sections 2.1 and 4.1): every request carries a fence, the instance id
+this link is bound to (:attr:`FpgaLink.fence`, 0 until bound), and every response the instance id of the board's
+current power-up. A response from another instance, or a WRONG_INSTANCE refusal, raises :class:`InstanceChanged`
+(the board refused the fenced command and executed nothing); the link never rebinds by itself. A response in
+another protocol version, or BAD_VERSION, raises :class:`ProtocolVersionError`.
+
+Resynchronisation: a response is taken only when its sequence number AND opcode are those of the request in
+flight; anything else in the byte stream (a late reply to an earlier attempt, a duplicated reply, noise) is
+counted in ``stats["stale_frames"]`` and ignored, so no answer is ever paired with the wrong request.
 """
 
 from __future__ import annotations
@@ -19,13 +29,21 @@ from typing import Any
 
 import serial
 
-from eqprop_hil.drivers.errors import AccessDenied, DeviceRestarted, InstrumentError, LinkError, ReplyError
+from eqprop_hil.drivers.errors import (
+    AccessDenied,
+    DeviceRestarted,
+    InstanceChanged,
+    InstrumentError,
+    LinkError,
+    ProtocolVersionError,
+    ReplyError,
+)
 from eqprop_hil.drivers.timeouts import serial_s
 from eqprop_hil.protocols import fpga_messages as m
 from eqprop_hil.protocols.auth import TOKEN_ENV
 from eqprop_hil.protocols.errors import ProtocolError, ValueRangeError
 from eqprop_hil.protocols.fpga_messages import Opcode, Status
-from eqprop_hil.protocols.framing import DELIMITER, FrameDecodeError, FrameReader, encode_frame
+from eqprop_hil.protocols.framing import PROTOCOL_VERSION, DELIMITER, FrameDecodeError, FrameReader, encode_frame
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +92,7 @@ STATUS_ERRORS: dict[Status, type[FpgaStatusError]] = {
 }
 STAT_KEYS = ("bytes_sent", "bytes_received", "round_trips", "pulses_sent", "frames_sent", "retransmissions",
              "timeouts", "partial_frames", "corrupt_frames", "stale_frames", "crc_rejected", "busy", "reconnects",
-             "restarts")  # fmt: skip
+             "restarts", "instance_refusals")  # fmt: skip
 
 
 class FpgaLink:
@@ -90,6 +108,9 @@ class FpgaLink:
         self.baudrate = int(baudrate)
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self.boot: int | None = None
+        self.instance: int | None = None  # the instance id of the last response (the board's current power-up)
+        self.fence = 0  # the instance id every request carries; 0 until bound (fpga_serial.md 4.1)
+        self.protocol = PROTOCOL_VERSION
         self.max_payload = m.MAX_PAYLOAD
         self._need_sync = True
         self._seq = int.from_bytes(os.urandom(2), "little")  # a fresh session never collides with cached seqs
@@ -121,7 +142,8 @@ class FpgaLink:
         if self.token is None:
             return
         seq = self._next_seq()
-        wire = DELIMITER + encode_frame(seq, Opcode.AUTH, m.encode_request(Opcode.AUTH, token=self.token))
+        wire = DELIMITER + encode_frame(seq, Opcode.AUTH, m.encode_request(Opcode.AUTH, fence=self.fence,
+                                                                          token=self.token))
         self._in_auth = True
         try:
             log.debug("-> AUTH seq=%d <token hidden>", seq)
@@ -141,35 +163,57 @@ class FpgaLink:
             status, _, body = m.decode_envelope(frame.payload)
         except ProtocolError as e:
             raise ReplyError(f"AUTH seq {seq}: {e}") from e
+        if status == Status.BAD_VERSION:
+            raise ProtocolVersionError(f"{self.port} refused AUTH: {body[:120].decode(errors='replace')}")
         if status == Status.UNAUTHORIZED:
             raise AccessDenied(f"{self.port} refused the token (from token= or ${TOKEN_ENV}); nothing was executed")
         if status != Status.OK:
             raise LinkError(f"AUTH on {self.port} answered {status.name}: {body[:120].decode(errors='replace')}")
 
     def sync(self) -> dict[str, Any]:
-        """SYNC handshake: the device clears its sequence cache and accepts commands of this boot."""
+        """SYNC handshake: the device clears its sequence cache and accepts commands of this boot. Not checked
+        against the bound instance (it reports the board's instance in :attr:`instance`; binding is separate)."""
         with self._lock:
-            body = self._transact(Opcode.SYNC, b"")
+            body = self._transact(Opcode.SYNC, m.encode_request(Opcode.SYNC, fence=self.fence), check_instance=False)
             reply = m.decode_response(Opcode.SYNC, body)
             self.max_payload = int(reply["max_payload"])
             self._need_sync = False
             return reply
 
-    def transact(self, opcode: Opcode | int, payload: bytes = b"") -> bytes:
-        """Send one command and return the OK response's body; raises typed errors for the rest.
+    def bind(self) -> int:
+        """SYNC, then fence every further request with the board's current instance id; returns it. The only
+        place the fence changes: callers decide (at open, or after re-programming a restarted board)."""
+        with self._lock:
+            self.sync()
+            assert self.instance is not None  # set by the SYNC response
+            if self.fence and self.fence != self.instance:
+                log.warning("%s: rebinding from instance %016x to %016x", self.port, self.fence, self.instance)
+            self.fence = self.instance
+            return self.fence
 
-        ``opcode`` may be a plain int (an opcode of newer firmware, or a conformance test of UNKNOWN_OPCODE)."""
+    def call(self, opcode: Opcode, *, check_instance: bool = True, **fields: Any) -> dict[str, Any]:
+        """Encode ``fields`` with this link's fence, send, and decode the OK response's fields."""
+        body = self.transact(opcode, m.encode_request(opcode, fence=self.fence, **fields), check_instance=check_instance)
+        return m.decode_response(opcode, body)
+
+    def transact(self, opcode: Opcode | int, payload: bytes = b"", *, check_instance: bool = True) -> bytes:
+        """Send one command (``payload`` is the whole request payload, fence included) and return the OK
+        response's body; raises typed errors for the rest.
+
+        ``opcode`` may be a plain int (an opcode of newer firmware, or a conformance test of UNKNOWN_OPCODE).
+        ``check_instance=False`` (IDENTIFY for :meth:`FpgaArray.instance_id`) accepts an answer from another
+        instance than the bound one; the answer's instance is in :attr:`instance` either way."""
         with self._lock:
             if self._need_sync:
                 self.sync()
-            return self._transact(opcode, payload)
+            return self._transact(opcode, payload, check_instance=check_instance)
 
     # ------------------------------------------------------------------------------------------ internals
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFF
         return self._seq
 
-    def _transact(self, opcode: Opcode | int, payload: bytes) -> bytes:
+    def _transact(self, opcode: Opcode | int, payload: bytes, check_instance: bool = True) -> bytes:
         opcode = _Named(opcode)
         seq = self._next_seq()
         wire = DELIMITER + encode_frame(seq, opcode, payload)
@@ -185,7 +229,7 @@ class FpgaLink:
             if frame is None:
                 continue
             try:
-                status, boot, body = m.decode_envelope(frame.payload)
+                status, boot, instance, body = m.split_envelope(frame.payload)
             except ProtocolError as e:
                 raise ReplyError(f"{opcode.name} seq {seq}: {e}") from e
             if status in (Status.CRC_ERROR, Status.BUSY):
@@ -198,7 +242,24 @@ class FpgaLink:
             if status == Status.UNAUTHORIZED:  # the access gate, before the device: nothing ran; link closed
                 raise AccessDenied(f"{self.port} requires a shared token for {opcode.name}: pass token= or set "
                                    f"${TOKEN_ENV}; nothing was executed")
-            if (self.boot is not None and boot != self.boot) or status == Status.NOT_SYNCED:
+            if status == Status.BAD_VERSION:
+                raise ProtocolVersionError(f"{self.port} does not speak protocol {PROTOCOL_VERSION}: "
+                                           f"{body[:160].decode(errors='replace')}; update the driver or the firmware")
+            self.instance = instance
+            if status == Status.WRONG_INSTANCE and not self.fence:
+                raise InstrumentError(int(status), f"{opcode.name} changes state and this link is not bound to an "
+                                      f"instance: call bind() (FpgaArray does at open); nothing was executed",
+                                      opcode.name)  # fmt: skip
+            if status == Status.WRONG_INSTANCE or (check_instance and self.fence and instance != self.fence):
+                # Another power-up answers: a fenced command was refused (nothing ran), or a query was answered
+                # by a board that no longer holds the run's state. Never rebind here: the caller decides.
+                self.stats["instance_refusals"] += 1
+                self.boot = boot
+                self._need_sync = True  # the new instance accepts nothing before a SYNC
+                raise InstanceChanged(m.instance_hex(self.fence), m.instance_hex(instance), opcode.name)
+            if not check_instance:  # SYNC / IDENTIFY report whoever answers now; binding is the caller's decision
+                self.boot = boot
+            elif (self.boot is not None and boot != self.boot) or status == Status.NOT_SYNCED:
                 old, self.boot, self._need_sync = self.boot, boot, True
                 self.stats["restarts"] += 1
                 raise DeviceRestarted(
@@ -272,6 +333,11 @@ class FpgaLink:
             deadline = time.monotonic() + self.timeout_s
             corrupt = None
             for item in self._reader.feed(data):
+                if isinstance(item, FrameDecodeError) and item.fault == "version" and item.seq == seq:
+                    raise ProtocolVersionError(
+                        f"{self.port} answered {opcode.name} in protocol version {item.version}; this driver speaks "
+                        f"{PROTOCOL_VERSION}: update the driver or the firmware (nothing state-changing was sent)"
+                    )
                 if isinstance(item, FrameDecodeError):
                     self.stats["corrupt_frames"] += 1
                     log.debug("<- corrupt frame: %s", item)

@@ -19,13 +19,18 @@ import numpy as np
 import pyvisa
 from pyvisa import errors as visa_errors
 
-from eqprop_hil.drivers.errors import AccessDenied, InstrumentError, LinkError, ReplyError
+from eqprop_hil.drivers.errors import AccessDenied, InstanceChanged, InstrumentError, LinkError, ReplyError
 from eqprop_hil.drivers.timeouts import visa_ms
 from eqprop_hil.protocols import ieee_block
 from eqprop_hil.protocols.auth import AUTH_REFUSED_LINE, TOKEN_ENV, auth_query
 from eqprop_hil.protocols.errors import BlockError, ScpiError
 from eqprop_hil.protocols.scpi import parse_error_entry
-from eqprop_hil.protocols.scpi_integrity import INTEGRITY_ERROR, IntegrityError, decode_reply, encode_request
+from eqprop_hil.protocols.scpi_integrity import (
+    INTEGRITY_ERROR, REPLY_PREFIX_BYTES, IntegrityError, crc32, decode_reply, encode_request,
+)
+from eqprop_hil.protocols.scpi_tags import (
+    ID_MODULUS, INSTANCE_MISMATCH, REPLY_PREFIX, TAG_CHARS, TagError, make_tag, parse_tag, tagged,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +52,10 @@ class VisaLink:
             ("bytes_sent", "bytes_received", "round_trips", "pulses_sent", "commands", "reconnects", "retries",
              "instrument_errors", "integrity_refused", "integrity_mismatches"), 0)
         self.crc = False  # CRC-32 on every message and reply (protocols/analog_board.md 1.2): enable_integrity()
+        self.instance: str | None = None  # the instance every tagged message is fenced with (spec 4.2)
+        self.next_id = 0  # request id of the next tagged message
+        self._unsettled: tuple[int, int] | None = None  # (digest, request id) of a message whose fate is unknown
+        self.stats.update(dict.fromkeys(("resent_same_id", "stale_replies"), 0))
         try:
             self._rm = pyvisa.ResourceManager(backend)
         except (OSError, ValueError) as e:
@@ -357,3 +366,165 @@ class VisaLink:
             return bytes(raw)
 
         return self.run(operation, what=command)
+
+    # ------------------------------------------------------------------------------------------ tagged (protocol 2)
+    def transact(self, text: str, block: np.ndarray | bytes | None = None, datatype: str = "f", *,
+                 expect: str = "none") -> bytes:
+        """One tagged transaction (protocols/analog_board.md section 4): the message with the bound instance and
+        a request id, then the reply with the same tag; returns the reply body (after ``0,``).
+
+        Anomalies (timeout, closed link, a reply that fails its CRC or cannot be parsed) reconnect and resend the
+        **same bytes**: the board answers a repeat from its duplicate-request cache, so nothing runs twice and no
+        stale reply is taken for this one (replies with another tag are discarded). ``expect``: ``"none"`` (a
+        set), ``"text"``, ``"block"`` or ``"text,block"`` (``STEP?``). A refusal raises InstrumentError; 130
+        raises InstanceChanged; busy (140) and a CRC refusal (120) are resent, bounded (nothing ran).
+        """
+        if self.instance is None:
+            raise LinkError("no instance bound: the driver must read SYST:INST? first")
+        payload = b""
+        if isinstance(block, (bytes, bytearray)):
+            payload = ieee_block.encode_bytes(bytes(block))
+        elif block is not None:
+            payload = ieee_block.encode_block(np.ascontiguousarray(np.asarray(block).ravel()), datatype)  # type: ignore[arg-type]
+        digest = crc32(text.encode("ascii") + payload)
+        with self.lock:
+            if self.res is None:
+                raise LinkError(f"{text.split(' ')[0]}: the link to {self.resource_name} is closed")
+            if self._unsettled is not None and self._unsettled[0] == digest:
+                rid = self._unsettled[1]  # the same command again after a failure: same id, at most once
+                self.stats["resent_same_id"] += 1
+            else:
+                rid = self.next_id
+                self.next_id = (self.next_id + 1) % ID_MODULUS
+            message = tagged(text.encode("ascii"), self.instance, rid)
+            wire = encode_request(message, payload) if self.crc else message + payload
+            what = text.strip()[:40]
+            for attempt in range(self.retries + 1):
+                try:
+                    self._write_raw(wire)
+                    code, body = self._read_tagged(make_tag(self.instance, rid), expect)
+                except (*LINK_ERRORS, ReplyError, TagError) as e:
+                    self._unsettled = (digest, rid)
+                    log.warning("%s failed (attempt %d): %s; reconnecting to resend the same request id",
+                                what, attempt + 1, e)
+                    try:
+                        self.reconnect()
+                    except (*LINK_ERRORS, ReplyError, LinkError) as again:
+                        raise LinkError(f"{what}: link lost and reconnect failed: {again}") from e
+                    if attempt == self.retries:
+                        if isinstance(e, ReplyError):
+                            raise
+                        raise LinkError(f"{what}: no answer after {self.retries + 1} attempts: {e}") from e
+                    self.stats["retries"] += 1
+                    continue
+                if code in (INTEGRITY_ERROR, 140) and attempt < self.retries:  # nothing ran: resend
+                    self.stats["retries"] += 1
+                    if code == INTEGRITY_ERROR:
+                        self.stats["integrity_refused"] += 1
+                    continue
+                self._unsettled = None
+                if code == 0:
+                    return body
+                self.stats["instrument_errors"] += 1
+                entry = body.decode("ascii", "replace")
+                try:
+                    _, message_text = parse_error_entry(f"{code},{entry}")
+                except ScpiError:
+                    message_text = entry
+                if code == INTEGRITY_ERROR:
+                    self.stats["integrity_refused"] += 1
+                if code == INSTANCE_MISMATCH:
+                    actual = message_text.rsplit("board is ", 1)[-1].strip()
+                    raise InstanceChanged(self.instance, actual, what)
+                raise InstrumentError(code, message_text, what)
+        raise LinkError(f"{what}: unreachable")  # the loop returns or raises
+
+    def _read_tagged(self, tag: bytes, expect: str) -> tuple[int, bytes]:
+        """Read replies until the one carrying ``tag``; others (stale, duplicated) are read whole and dropped."""
+        for _ in range(64):
+            got, code, body = self._read_one_tagged(expect, tag)
+            if got == tag:
+                return code, body
+            self.stats["stale_replies"] += 1
+            log.warning("discarded a reply to another request (%s, expected %s)", got[1:-1], tag[1:-1])
+        raise ReplyError("64 replies to other requests in a row: the link is out of step")
+
+    def _read_one_tagged(self, expect: str, tag: bytes) -> tuple[bytes, int, bytes]:
+        """One tagged reply: (its tag, status code, body). A reply of another request is read generically."""
+        lead = REPLY_PREFIX_BYTES if self.crc else 0
+        head = bytes(self.res.read_bytes(lead + REPLY_PREFIX))
+        got = head[lead : lead + TAG_CHARS]
+        if head[lead + TAG_CHARS :] != b"," or got[:1] != b'"':
+            raise ReplyError(f"expected a tagged reply '\"<tag>\",', got {head!r}")
+        try:
+            parse_tag(got)
+        except ScpiError as e:
+            raise ReplyError(f"malformed reply tag {got!r}") from e
+        status = bytearray()
+        while True:  # the status code, up to ',' or LF
+            byte = bytes(self.res.read_bytes(1))
+            if byte in (b",", b"\n"):
+                break
+            status += byte
+            if len(status) > 7:
+                raise ReplyError(f"reply status too long: {bytes(status)!r}")
+        rest = b""
+        if byte == b",":
+            rest = self._read_body(expect if (got == tag and status == b"0") else "any")
+        raw = head + bytes(status) + (b"," + rest if byte == b"," else b"")
+        self.stats["round_trips"] += 1
+        self.stats["bytes_received"] += len(raw) + 1
+        if self.crc:
+            try:
+                decode_reply(raw)
+            except IntegrityError as e:
+                self.stats["integrity_mismatches"] += 1
+                raise ReplyError(f"reply failed its integrity check: {e}") from e
+        try:
+            code = int(status)
+        except ValueError as e:
+            raise ReplyError(f"reply status is not an integer: {bytes(status)!r}") from e
+        log.debug("<- %s %d %r", got.decode("ascii", "replace"), code, rest[:60])
+        return got, code, rest
+
+    def _read_block_bytes(self) -> bytes:
+        """A definite-length block whose '#' was just read: the header digits and payload, returned with '#'."""
+        n = bytes(self.res.read_bytes(1))
+        if not n.isdigit() or n == b"0":
+            raise ReplyError(f"bad block header digit {n!r}")
+        digits = bytes(self.res.read_bytes(int(n)))
+        if not digits.isdigit() or int(digits) > ieee_block.MAX_BLOCK_BYTES:
+            raise ReplyError(f"block length must be {int(n)} ASCII digits, got {digits!r}")
+        return b"#" + n + digits + bytes(self.res.read_bytes(int(digits)))
+
+    def _read_body(self, expect: str) -> bytes:
+        """The body after the status's ',', through the LF (not returned)."""
+        if expect == "block":
+            first = bytes(self.res.read_bytes(1))
+            if first == b"#":
+                block = self._read_block_bytes()
+                if bytes(self.res.read_bytes(1)) != b"\n":
+                    raise ReplyError("block reply not terminated by LF")
+                return block
+            return first + self._read_line()
+        if expect in ("none", "text"):
+            return self._read_line()
+        out, quote = bytearray(), False  # generic: text with blocks after ',' (STEP?, or a reply to discard)
+        while True:
+            byte = bytes(self.res.read_bytes(1))
+            if byte == b"\n":
+                return bytes(out)
+            if byte == b'"':
+                quote = not quote
+            if byte == b"#" and not quote and (not out or out[-1:] == b","):
+                out += self._read_block_bytes()
+                continue
+            out += byte
+            if len(out) > 65536:
+                raise ReplyError("text reply longer than 64 KiB without LF")
+
+    def _read_line(self) -> bytes:
+        line = bytes(self.res.read_raw())
+        if not line.endswith(b"\n"):
+            raise ReplyError(f"reply not terminated by LF: {line[-20:]!r}")
+        return line[:-1]

@@ -12,40 +12,39 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import Counter, deque
+import secrets
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from eqprop_hil.mock_instruments.analog_session import ESR_OPC, RequestCache, Session, esr_bit
 from eqprop_hil.protocols import ieee_block
 from eqprop_hil.protocols.errors import EqpropError, ValueRangeError
 from eqprop_hil.protocols.scpi import Command, ScpiCommandError, format_error_entry, format_number, format_numbers, parse_command
-from eqprop_hil.protocols.scpi_commands import MAX_SETTLE_STEPS
-from eqprop_hil.protocols.scpi_integrity import INTEGRITY_ERROR, IntegrityError, decode_request, encode_reply
+from eqprop_hil.protocols.scpi_commands import MAX_SETTLE_STEPS, PROTOCOL_VERSION
+from eqprop_hil.protocols.scpi_integrity import INTEGRITY_ERROR, IntegrityError, crc32, decode_request, encode_reply
+from eqprop_hil.protocols.scpi_tags import INSTANCE_MISMATCH, NOT_CACHED, decode_updates, parse_tag, split_tag, tagged_reply
 
 if TYPE_CHECKING:
     from eqprop_hil.mock_instruments.physics import ArrayPhysics
 
 log = logging.getLogger(__name__)
 
-VENDOR, MODEL, FIRMWARE = "EQPROP-HIL", "ANALOG-EP-1", "0.2.0"  # 0.2: SYSTem:INTegrity (CRC-32 messages)
-ERROR_QUEUE_DEPTH = 32
-ESR_OPC, ESR_QYE, ESR_DDE, ESR_EXE, ESR_CME, ESR_PON = 0x01, 0x04, 0x08, 0x10, 0x20, 0x80
+VENDOR, MODEL, FIRMWARE = "EQPROP-HIL", "ANALOG-EP-1", "0.3.0"  # 0.2: SYST:INTegrity; 0.3: protocol 2 (tags, STEP?)
 
 
-def _esr_bit(code: int) -> int:
-    """Which event-status bit an error sets (IEEE 488.2: command, execution, device-specific, query)."""
-    if -199 <= code <= -100:
-        return ESR_CME
-    if -299 <= code <= -200:
-        return ESR_EXE
-    if -499 <= code <= -400:
-        return ESR_QYE
-    return ESR_DDE
+def draw_instance() -> str:
+    """16 lower-case hex digits from the OS entropy source: a new one at every power-up (spec 4.1)."""
+    return secrets.token_hex(8)
 
 
 class AnalogFirmware:
-    """Command interpreter of one board. ``execute(message)`` returns the reply bytes (with LF) or None."""
+    """Command interpreter of one board. ``execute(message, session)`` returns the reply bytes (with LF) or None.
+
+    ``session`` is the connection's :class:`Session` (error queue, ESR, integrity mode); without one the
+    firmware's own default session is used (a single-client caller, or tests that drive the firmware directly).
+    """
 
     def __init__(self, physics: "ArrayPhysics", serial: str = "SIM0001", step_period_s: float = 1e-6) -> None:
         self.physics = physics
@@ -57,24 +56,27 @@ class AnalogFirmware:
         self.feedback: str = str(topo["feedback"])
         self.activation: str = str(topo["activation"])
         self.counters: dict[str, int] = {"commands": 0, "queries": 0, "errors": 0, "pulse_commands": 0, "pulses": 0,
-                                         "boots": 1, "integrity_refused": 0}  # counters are non-volatile (survive power cycles)
+                                         "boots": 1, "integrity_refused": 0, "duplicates": 0, "fenced": 0,
+                                         "request_refused": 0}  # non-volatile (survive power cycles)
         self.executed: Counter[str] = Counter()  # command keys run without error (conformance coverage)
-        self._errors: deque[str] = deque()
-        self._ese = 0
+        self.default_session = Session()
+        self._session = self.default_session  # the session of the message being executed
+        self.cache = RequestCache()
         self._handlers: dict[str, Callable[[Command], bytes | str | None]] = self._table()
         self.power_on()
 
     # ------------------------------------------------------------------------------------------ state
     def power_on(self) -> None:
-        """Volatile registers to their power-on values (also after an emulated power cycle)."""
-        self._errors.clear()
-        self._esr = ESR_PON
-        self.integrity = False  # CRC-32 required on every message (section 1.2); per connection, off at power-on
+        """Volatile registers to their power-on values (also after an emulated power cycle): a new instance id,
+        an empty duplicate cache; every connection's session is reset when it next speaks."""
+        self.instance = draw_instance()
+        self.cache.clear()
         self.compliance = float(self.physics.config.compliance_amperes)
         self.residual = 0.0
         self.last_pulses = 0
         self.total_pulses = 0
         self._dynamics_reset()
+        self._sync(self.default_session)
 
     def power_cycle(self) -> None:
         """Emulated power loss: the physics loses states and settings (conductances kept), so do the registers."""
@@ -89,60 +91,142 @@ class AnalogFirmware:
         self.target = np.zeros(self.sizes[-1], np.float32)
         self.beta = 0.0
 
-    def push_error(self, code: int, detail: str = "") -> None:
-        """Append to the FIFO error queue; when full, the newest entry becomes -350 Queue overflow."""
-        self.counters["errors"] += 1
-        self._esr |= _esr_bit(code)
-        entry = format_error_entry(code, detail)
-        log.debug("error queued: %s", entry)
-        if len(self._errors) >= ERROR_QUEUE_DEPTH:
-            self._errors[-1] = format_error_entry(-350)
-        else:
-            self._errors.append(entry)
+    def _sync(self, session: Session) -> Session:
+        if session.boot != self.counters["boots"]:
+            session.reset()
+            session.boot = self.counters["boots"]
+        return session
+
+    # the default session's registers, for single-client callers and tests
+    @property
+    def integrity(self) -> bool:
+        return self.default_session.integrity
+
+    @integrity.setter
+    def integrity(self, value: bool) -> None:
+        self.default_session.integrity = bool(value)
 
     @property
     def error_count(self) -> int:
-        return len(self._errors)
+        return len(self.default_session.errors)
+
+    def push_error(self, code: int, detail: str = "", session: Session | None = None) -> None:
+        """Append to a connection's FIFO error queue (the default session's without one)."""
+        self.counters["errors"] += 1
+        self._sync(session or self.default_session).push_error(code, detail)
 
     # ------------------------------------------------------------------------------------------ execute
-    def execute(self, message: bytes) -> bytes | None:
+    def execute(self, message: bytes, session: Session | None = None) -> bytes | None:
         """Parse and run one program message. Errors go to the queue; a failed query sends no reply.
 
         A message carrying a CRC-32 field is checked before anything else, whatever the mode, and its reply
         carries one too; in integrity mode a message without one is refused. A refused message runs nothing.
+        A tagged message (spec 4.2) is fenced, looked up in the duplicate cache, and always answered.
         """
+        s = self._session = self._sync(session or self.default_session)
         self.counters["commands"] += 1
         try:
-            message, protected = decode_request(message, required=self.integrity)
+            plain, protected = decode_request(message, required=s.integrity)
         except IntegrityError as e:
             self.counters["integrity_refused"] += 1
-            self.push_error(INTEGRITY_ERROR, str(e))
+            return self.refuse(message, INTEGRITY_ERROR, str(e), s, protected=True)
+        try:
+            tag, plain = split_tag(plain)
+        except ScpiCommandError as e:
+            self.push_error(e.code, e.detail, s)
             return None
-        reply = self._run(message)
-        if reply is None:
-            return None
+        if tag is None:
+            reply = self._run(plain)
+            if reply is None:
+                return None
+            return (encode_reply(reply) if protected else reply) + b"\n"
+        return self._wrap(self._run_tagged(tag, plain), protected or s.integrity)
+
+    @staticmethod
+    def _wrap(reply: bytes, protected: bool) -> bytes:
         return (encode_reply(reply) if protected else reply) + b"\n"
 
-    def _run(self, message: bytes) -> bytes | None:
-        """Parse and run one plain message; the reply without its terminator, or None."""
+    def refuse(self, message: bytes, code: int, detail: str = "", session: Session | None = None, *,
+               protected: bool = False) -> bytes | None:
+        """A message refused before it ran (busy, CRC, a scanner error): answered with its tag when it has a
+        well-formed one (not cached: a resend may cure it), else queued on its connection."""
+        s = self._sync(session or self.default_session)
         try:
-            command = parse_command(message)
-            if command.spec.query:
-                self.counters["queries"] += 1
-            reply = self._handlers[command.key](command)
-            self.executed[command.key] += 1
+            tag, _ = split_tag(bytes(message))
+        except ScpiCommandError:
+            tag = None
+        if tag is None:
+            self.push_error(code, detail, s)
+            return None
+        self.counters["errors"] += 1
+        s.esr |= esr_bit(code)
+        return self._wrap(tagged_reply(tag, code, detail=detail), protected or s.integrity)
+
+    def _run_tagged(self, tag: bytes, plain: bytes) -> bytes:
+        """Fence, de-duplicate, run and cache one tagged message; the tagged reply without terminator."""
+        instance, rid = parse_tag(tag)
+        try:
+            command: Command | None = parse_command(plain)
+            failure: ScpiCommandError | None = None
         except ScpiCommandError as e:
-            self.push_error(e.code, e.detail)
-            return None
+            command, failure = None, e
+        if command is not None and command.spec.changes and instance != self.instance:
+            self.counters["fenced"] += 1
+            return self._tag_error(tag, INSTANCE_MISMATCH, f"board is {self.instance}")
+        digest = crc32(plain)
+        action, found = self.cache.lookup(rid, digest)
+        if action == "replay":
+            self.counters["duplicates"] += 1
+            log.debug("request %08x answered from the duplicate cache", rid)
+            return found  # type: ignore[return-value]
+        if action == "refuse":
+            self.counters["request_refused"] += 1
+            code = int(found)  # type: ignore[arg-type]
+            why = "in the cache with another message" if code != 132 else "older than the cache window"
+            return self._tag_error(tag, code, f"request id {rid:08x} {why}")
+        if failure is None:
+            assert command is not None
+            try:
+                body = self._call(command)
+                reply = tagged_reply(tag, 0, body)
+            except ScpiCommandError as e:
+                failure = e
+        if failure is not None:
+            reply = self._tag_error(tag, failure.code, failure.detail)
+            if failure.code in NOT_CACHED:
+                return reply
+        self.cache.store(rid, digest, reply)
+        return reply
+
+    def _tag_error(self, tag: bytes, code: int, detail: str) -> bytes:
+        self.counters["errors"] += 1
+        self._session.esr |= esr_bit(code)
+        return tagged_reply(tag, code, detail=detail)
+
+    def _call(self, command: Command) -> bytes | None:
+        """Run one parsed command; its reply bytes or None. Every refusal as ScpiCommandError."""
+        if command.spec.query:
+            self.counters["queries"] += 1
+        try:
+            reply = self._handlers[command.key](command)
+        except ScpiCommandError:
+            raise
         except ValueRangeError as e:
-            self.push_error(-222, str(e))
-            return None
+            raise ScpiCommandError(-222, str(e)) from e
         except (EqpropError, ValueError) as e:
-            self.push_error(-224, str(e))
-            return None
+            raise ScpiCommandError(-224, str(e)) from e
+        self.executed[command.key] += 1
         if reply is None:
             return None
         return reply.encode("ascii") if isinstance(reply, str) else reply
+
+    def _run(self, message: bytes) -> bytes | None:
+        """Parse and run one plain untagged message; the reply without its terminator, or None (errors queued)."""
+        try:
+            return self._call(parse_command(message))
+        except ScpiCommandError as e:
+            self.push_error(e.code, e.detail, self._session)
+            return None
 
     # ------------------------------------------------------------------------------------------ checks
     def _edge(self, edge: int, feedback: bool = False) -> tuple[int, int]:
@@ -185,16 +269,20 @@ class AnalogFirmware:
             "*OPC": self._opc,
             "*OPC?": lambda c: "1",
             "*ESR?": self._esr_query,
-            "*ESE": lambda c: setattr(self, "_ese", c.args[0]),
-            "*ESE?": lambda c: format_number(self._ese),
+            "*ESE": lambda c: setattr(self._session, "ese", c.args[0]),
+            "*ESE?": lambda c: format_number(self._session.ese),
             "*STB?": self._stb,
-            "SYST:ERR?": lambda c: self._errors.popleft() if self._errors else format_error_entry(0),
-            "SYST:ERR:COUN?": lambda c: format_number(len(self._errors)),
+            "SYST:ERR?": lambda c: self._session.errors.popleft() if self._session.errors else format_error_entry(0),
+            "SYST:ERR:COUN?": lambda c: format_number(len(self._session.errors)),
             "SYST:VERS?": lambda c: "1999.0",
+            "SYST:PROT?": lambda c: format_number(PROTOCOL_VERSION),
+            "SYST:INST?": lambda c: f'"{self.instance}"',
+            "SYST:REQ:LAST?": lambda c: format_number(-1 if self.cache.newest is None else self.cache.newest),
             "SYST:BOOT?": lambda c: format_number(self.counters["boots"]),
-            "SYST:DESC?": lambda c: ieee_block.encode_bytes(json.dumps(p.describe(), default=str).encode()),
-            "SYST:INT": lambda c: setattr(self, "integrity", bool(c.args[0])),
-            "SYST:INT?": lambda c: format_number(self.integrity),
+            "SYST:DESC?": lambda c: ieee_block.encode_bytes(json.dumps(
+                {**p.describe(), "protocol": PROTOCOL_VERSION, "instance": self.instance}, default=str).encode()),
+            "SYST:INT": lambda c: setattr(self._session, "integrity", bool(c.args[0])),
+            "SYST:INT?": lambda c: format_number(self._session.integrity),
             "TOP:SIZ?": lambda c: format_numbers(self.sizes),
             "TOP:EDG?": lambda c: format_numbers([n for e in self.edges for n in e]),
             "TOP:FEED?": lambda c: self.feedback.upper(),
@@ -223,6 +311,7 @@ class AnalogFirmware:
             "SETT:PER?": lambda c: format_number(self.step_period_s),
             "SETT:COUN?": lambda c: format_number(int(p.counters.get("steps", 0))),
             "STAT?": self._state,
+            "STEP?": self._step,
             "PULS:MATR": lambda c: self._pulse_matrix(c, False),
             "PULS:MATR:FEED": lambda c: self._pulse_matrix(c, True),
             "PULS:OUT": lambda c: self._pulse_outer(c, False),
@@ -254,18 +343,19 @@ class AnalogFirmware:
         self._dynamics_reset()
 
     def _cls(self, c: Command) -> None:
-        self._errors.clear()
-        self._esr = 0
+        self._session.errors.clear()
+        self._session.esr = 0
 
     def _opc(self, c: Command) -> None:
-        self._esr |= ESR_OPC
+        self._session.esr |= ESR_OPC
 
     def _esr_query(self, c: Command) -> str:
-        value, self._esr = self._esr, 0
+        value, self._session.esr = self._session.esr, 0
         return format_number(value)
 
     def _stb(self, c: Command) -> str:
-        return format_number((0x04 if self._errors else 0) | (0x20 if self._esr & self._ese else 0))
+        s = self._session
+        return format_number((0x04 if s.errors else 0) | (0x20 if s.esr & s.ese else 0))
 
     def _set_input(self, c: Command) -> None:
         volts = self._input(c.args[0])
@@ -278,7 +368,7 @@ class AnalogFirmware:
         if worst > self.compliance:
             raise ScpiCommandError(110, f"{worst:g} A above the compliance of {self.compliance:g} A")
         self.physics.set_nudge_current(amps)
-        self.currents, self.nudge_mode = amps.astype(np.float32), "CURRENT"
+        self.currents, self.nudge_mode, self.beta = amps.astype(np.float32), "CURRENT", 0.0  # spec: 0 outside TARGET
 
     def _set_compliance(self, c: Command) -> None:
         hardware = float(self.physics.config.compliance_amperes)
@@ -335,6 +425,38 @@ class AnalogFirmware:
         fired = self.physics.apply_outer(edge, vectors[:n_rows], vectors[n_rows:], bit_length, feedback=feedback)
         self._fired(fired)
 
+    def _step(self, c: Command) -> bytes:
+        """STEP? (spec 3.8): check every record, apply them all, settle, answer pulses and every state."""
+        steps, payload = c.args
+        updates = decode_updates(np.asarray(payload, np.uint8).tobytes())
+        seen: set[tuple[int, bool]] = set()
+        plan = []
+        for u in updates:
+            n_rows, n_cols = self._edge(u.edge, u.feedback)
+            if (u.edge, u.feedback) in seen:
+                raise ScpiCommandError(-222, f"edge {u.edge}{' feedback' if u.feedback else ''} updated twice")
+            seen.add((u.edge, u.feedback))
+            if u.outer:
+                self._length(u.vectors, n_rows + n_cols, f"outer rows+cols of edge {u.edge}")
+            elif u.indices.size and int(u.indices[-1]) >= n_rows * n_cols:
+                raise ScpiCommandError(-222, f"index {int(u.indices[-1])} of edge {u.edge} not below {n_rows * n_cols}")
+            plan.append((u, n_rows, n_cols))
+        fired = 0
+        for u, n_rows, n_cols in plan:  # all checked: apply all
+            if u.outer:
+                fired += self.physics.apply_outer(u.edge, u.vectors[:n_rows], u.vectors[n_rows:], u.bit_length,
+                                                  feedback=u.feedback)
+            elif u.indices.size:
+                counts = np.zeros(n_rows * n_cols, np.int64)
+                counts[u.indices.astype(np.int64)] = u.counts
+                fired += self.physics.apply_pulses(u.edge, counts.reshape(n_rows, n_cols), feedback=u.feedback)
+        self._fired(fired)
+        if steps:
+            self.physics.step(steps)
+        states = self.physics.read_state(None)
+        flat = np.concatenate([np.asarray(s, np.float32).ravel() for s in states])
+        return format_number(fired).encode("ascii") + b"," + self._block(flat)
+
     def _set_eta(self, c: Command) -> None:
         eta = list(c.args[0])
         if len(eta) < len(self.edges):
@@ -349,7 +471,9 @@ class AnalogFirmware:
         data = self._length(data, n0 + n_out, "input+target")
         x = self._input(data[:n0])
         target = self._volts(data[n0:], self.physics.config.adc_range_volts, "target")
+        before = int(self.physics.counters.get("pulses", 0))
         out = self.physics.train_sample(x, target, beta, t1, t2)
+        self._fired(int(self.physics.counters.get("pulses", 0)) - before)  # a pulse command (spec 3.5)
         self._dynamics_reset()  # the sample ends in HOLD with the nudge off
         self.input = x.astype(np.float32)
         return self._block(np.asarray(out, np.float32))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -22,6 +23,7 @@ from eqprop_hil.protocols.errors import ProtocolError, ValueRangeError
 from eqprop_hil.protocols.fixed_point import STATE, quantize
 from eqprop_hil.protocols.framing import MAX_PAYLOAD, PROTOCOL_VERSION, Frame, FrameDecodeError, encode_frame
 from eqprop_hil.protocols.fpga_messages import Opcode, Status
+from eqprop_hil.protocols.fpga_updates import DENSE, OUTER
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +50,15 @@ class FpgaDevice:
         self.cache_depth = cache_depth
         self.serial = serial
         self.boot = 1
+        self.instance = _draw_instance()  # random per power-up: a restarted or swapped board has another
         self.synced = False  # mutating commands wait for the host's SYNC after every boot
         self._cache: OrderedDict[int, tuple[bytes, bytes]] = OrderedDict()  # seq -> (request digest, response)
         self._nudge_mode = m.NudgeMode.OFF
         self._staging: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self.counters: dict[str, int] = dict.fromkeys(
-            ("frames", "executed", "replayed", "crc_errors", "busy", "not_synced", "refused"), 0)  # fmt: skip
+            ("frames", "executed", "replayed", "crc_errors", "busy", "not_synced", "refused", "wrong_instance",
+             "bad_version", "step_commands"), 0)  # fmt: skip
         self._topology = physics.topology()
         self._sizes = list(self._topology["sizes"])
         self._edges = [tuple(e) for e in self._topology["edges"]]
@@ -69,20 +73,24 @@ class FpgaDevice:
     def _power_cycle(self) -> None:
         self.physics.power_cycle()
         self.boot = (self.boot + 1) & 0xFFFF
+        self.instance = _draw_instance()
         self._cache.clear()
         self.synced = False
         self._nudge_mode = m.NudgeMode.OFF
         self._staging = None
-        log.info("FPGA emulator power-cycled, boot counter %d", self.boot)
+        log.info("FPGA emulator power-cycled, boot counter %d, instance %016x", self.boot, self.instance)
 
     def reject(self, error: FrameDecodeError) -> bytes | None:
         """Answer a frame that did not decode: CRC_ERROR (or BAD_VERSION), echoing the unverified header."""
         with self._lock:
+            if error.fault == "version":  # CRC and length held: a host of another protocol revision
+                self.counters["bad_version"] += 1
+                text = f"protocol version {error.version} not supported; this device speaks {PROTOCOL_VERSION}"
+                return self._frame(error.seq or 0, (error.opcode or 0) & 0x7F, Status.BAD_VERSION, text.encode())
             self.counters["crc_errors"] += 1
             if error.fault == "partial":
                 return None
-            status = Status.BAD_VERSION if error.fault == "version" else Status.CRC_ERROR
-            return self._frame(error.seq or 0, (error.opcode or 0) & 0x7F, status, str(error).encode()[:200])
+            return self._frame(error.seq or 0, (error.opcode or 0) & 0x7F, Status.CRC_ERROR, str(error).encode()[:200])
 
     def handle(self, frame: Frame, action: str = "run") -> bytes:
         """Process one decoded request (``action`` from the fault injector); returns the encoded response."""
@@ -102,7 +110,19 @@ class FpgaDevice:
             if cached is not None and cached[0] == digest and opcode != Opcode.SYNC:
                 self.counters["replayed"] += 1
                 return cached[1]
-            if not self.synced and opcode not in m.READ_ONLY:
+            fenced = opcode not in m.READ_ONLY
+            if fenced:
+                try:
+                    fence = m.request_fence(frame.payload)
+                except ProtocolError as e:
+                    self.counters["refused"] += 1
+                    return self._frame(frame.seq, opcode, Status.BAD_LENGTH, str(e).encode())
+                if fence != self.instance:  # the host means another power-up of this board (or another board)
+                    self.counters["wrong_instance"] += 1
+                    return self._frame(frame.seq, opcode, Status.WRONG_INSTANCE,
+                                       f"request fenced for instance {fence:016x}, this board is {self.instance:016x} "
+                                       f"(boot {self.boot}); not executed".encode())  # fmt: skip
+            if not self.synced and fenced:
                 self.counters["not_synced"] += 1
                 return self._frame(frame.seq, opcode, Status.NOT_SYNCED,
                                    f"device booted (boot {self.boot}); send SYNC first".encode())  # fmt: skip
@@ -115,7 +135,7 @@ class FpgaDevice:
             return response
 
     def _frame(self, seq: int, opcode: int, status: Status, body: bytes = b"") -> bytes:
-        payload = m.encode_envelope(status, self.boot, body)
+        payload = m.encode_envelope(status, self.boot, body, self.instance)
         return encode_frame(seq, int(opcode) | m.RESPONSE_BIT, payload)
 
     def _execute(self, seq: int, opcode: Opcode, payload: bytes) -> bytes:
@@ -336,3 +356,79 @@ class FpgaDevice:
         if self.faults is not None:
             counters.update({f"fault_{k}": int(v) for k, v in self.faults.counts.items()})
         return m.encode_response(Opcode.COUNTERS, counters=counters)
+
+    # ------------------------------------------------------------------------------------------ compound step
+    def _op_step(self, steps: int, updates: list[dict[str, Any]]) -> bytes:
+        """Apply every update (checked first, all or none; ONE pulse command), settle, return every state."""
+        if steps > MAX_SETTLE_STEPS:
+            raise _Refused(Status.OUT_OF_RANGE, f"STEP of {steps} steps exceeds {MAX_SETTLE_STEPS}")
+        plan = self._plan(updates)
+        fired = self._apply(plan)
+        self.physics.step(steps)
+        states = quantize(np.concatenate(self.physics.read_state(None)), STATE, saturate=True)
+        return m.encode_response(Opcode.STEP, pulses=fired, states=states)
+
+    def _op_apply_sparse(self, updates: list[dict[str, Any]]) -> bytes:
+        return m.encode_response(Opcode.APPLY_SPARSE, pulses=self._apply(self._plan(updates)))
+
+    def _plan(self, updates: list[dict[str, Any]]) -> list[tuple[int, bool, Any]]:
+        """Validate every update against the topology before anything is applied (fpga_serial.md 5.2)."""
+        plan: list[tuple[int, bool, Any]] = []
+        seen: set[tuple[int, bool]] = set()
+        for k, u in enumerate(updates):
+            edge, fb = self._edge(u["edge"], u["feedback"])
+            if (edge, fb) in seen:
+                raise _Refused(Status.OUT_OF_RANGE, f"update {k}: edge {edge} feedback {int(fb)} given twice")
+            seen.add((edge, fb))
+            shape = self._shape(edge, fb)
+            size = shape[0] * shape[1]
+            form = u["form"]
+            if form == OUTER:
+                rows = self._length(u["rows"], shape[0], f"update {k} outer rows")
+                cols = self._length(u["cols"], shape[1], f"update {k} outer cols")
+                if u["bit_length"] < 1:
+                    raise _Refused(Status.OUT_OF_RANGE, f"update {k}: bit_length 0 outside 1..255")
+                for name, v in (("rows", rows), ("cols", cols)):
+                    if v.size and float(np.abs(v).max()) > 1.0:
+                        raise _Refused(Status.OUT_OF_RANGE,
+                                       f"update {k}: outer {name} must be in [-1, 1], got {float(np.abs(v).max()):g}")
+                plan.append((edge, fb, (u["bit_length"], rows, cols)))
+                continue
+            counts = np.asarray(u["counts"], dtype=np.int64)
+            if form == DENSE:
+                full = self._length(counts, size, f"update {k} dense counts").reshape(shape)
+            else:  # SPARSE16 / SPARSE32 (decode refused other forms)
+                index = np.asarray(u["index"], dtype=np.int64)
+                if index.size and (int(index.max()) >= size or np.any(np.diff(index) <= 0)):
+                    raise _Refused(Status.OUT_OF_RANGE, f"update {k}: indices must be strictly increasing in "
+                                                        f"0..{size - 1}, got {index[:8].tolist()}")
+                full = np.zeros(size, dtype=np.int64)
+                full[index] = counts
+                full = full.reshape(shape)
+            if counts.size and int(np.abs(counts).max()) > 127:
+                raise _Refused(Status.OUT_OF_RANGE, f"update {k}: pulse count -128 outside -127..127")
+            plan.append((edge, fb, full))
+        return plan
+
+    def _apply(self, plan: list[tuple[int, bool, Any]]) -> int:
+        """Fire a validated plan; the executed-command counter moves by one for the whole plan (none if empty)."""
+        fired = 0
+        counters = self.physics.counters
+        before = (counters["pulse_commands"], counters["outer_commands"])
+        for edge, fb, what in plan:
+            if isinstance(what, tuple):
+                fired += self.physics.apply_outer(edge, what[1], what[2], what[0], feedback=fb)
+            else:
+                fired += self.physics.apply_pulses(edge, what, feedback=fb)
+        if plan:  # one command on the wire is one executed pulse command, whatever it carried
+            counters["pulse_commands"], counters["outer_commands"] = before[0] + 1, before[1]
+            self.counters["step_commands"] += 1
+        return fired
+
+
+def _draw_instance() -> int:
+    """A random non-zero 64-bit instance id (0 means "no instance" in a request's fence)."""
+    while True:
+        value = secrets.randbits(64)
+        if value:
+            return value

@@ -13,6 +13,11 @@ With ``token`` set (``protocols/fpga_serial.md`` section 7.1) every connection m
 token: any other frame, or a wrong token, is answered UNAUTHORIZED and the connection is closed (on a pty,
 which cannot be closed, the frame is only refused), and nothing reaches the device. AUTH is always answered
 here, never by the device: without a token any AUTH is accepted.
+
+Over TCP (``fpga_serial.md`` section 7.2) up to ``max_clients`` connections are served at once, each by its own
+thread, so none can stall another: a connection must deliver its first valid frame (AUTH when a token is
+required) within ``handshake_timeout_s`` or it is closed; a response that the client does not take within
+``send_timeout_s`` closes that connection; commands of all connections reach the one device one at a time.
 """
 
 from __future__ import annotations
@@ -39,13 +44,20 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often the serving thread checks for stop()
 _PACE_SLICE_S = 0.005  # a paced write releases at most this much link time of bytes at once
+MAX_CLIENTS = 8  # TCP connections served at once (fpga_serial.md 7.2)
+HANDSHAKE_TIMEOUT_S = 5.0  # a connection's first valid frame (AUTH when a token is required) must come within this
+SEND_TIMEOUT_S = 10.0  # a response the client does not take within this closes its connection
 
 
 class _Session:
-    """Whether one connection (or the pty) has given the token."""
+    """One connection (or the pty): whether it has given the token, whether it has sent a valid frame yet, and
+    its own emulated wire (the link rate paces each connection's bytes)."""
 
     def __init__(self, authenticated: bool) -> None:
         self.authenticated = authenticated
+        self.handshaken = False
+        self.rx_free_at = 0.0  # when the emulated wire has delivered the last received byte
+        self.tx_free_at = 0.0
 
 
 class FpgaServer:
@@ -62,6 +74,9 @@ class FpgaServer:
         cache_depth: int = 16,
         serial: str = "FPGA0001",
         token: str | None = None,
+        max_clients: int = MAX_CLIENTS,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        send_timeout_s: float = SEND_TIMEOUT_S,
     ) -> None:
         if transport not in ("pty", "tcp"):
             raise ValueRangeError(f"transport {transport!r}: use 'pty' or 'tcp'")
@@ -69,6 +84,14 @@ class FpgaServer:
             math.isfinite(link_rate_bytes_per_s) and link_rate_bytes_per_s > 0
         ):
             raise ValueRangeError(f"link rate {link_rate_bytes_per_s!r} bytes/s must be finite and > 0 (or None)")
+        if not 1 <= int(max_clients) <= 1024:
+            raise ValueRangeError(f"max_clients {max_clients!r} must be in 1..1024")
+        for name, value in (("handshake_timeout_s", handshake_timeout_s), ("send_timeout_s", send_timeout_s)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueRangeError(f"{name} {value!r} must be finite and > 0 seconds")
+        self.max_clients = int(max_clients)
+        self.handshake_timeout_s = float(handshake_timeout_s)
+        self.send_timeout_s = float(send_timeout_s)
         self.token = None if token is None else check_token(token)
         self.physics = physics
         self.transport = transport
@@ -78,14 +101,16 @@ class FpgaServer:
         self.device = FpgaDevice(physics, self.faults, cache_depth=cache_depth, serial=serial)
         self.link: dict[str, int] = {"rx_bytes": 0, "tx_bytes": 0, "connections": 0, "closed_by_fault": 0,
                                      "auth_ok": 0, "auth_refused": 0}
+        for key in ("refused_full", "idle_closed", "send_timeouts"):  # reported by COUNTERS as link_*
+            self.device.counters[key] = 0
         self.link_log: list[tuple[float, int]] = []  # (monotonic seconds, bytes) per paced burst sent
         self.resource = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fds: list[int] = []
         self._sock: socket.socket | None = None
-        self._rx_free_at = 0.0  # when the emulated wire has delivered the last received byte
-        self._tx_free_at = 0.0
+        self._lock = threading.Lock()  # one command at a time through the fault injector and the device
+        self._clients: set[threading.Thread] = set()
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> str:
@@ -116,6 +141,8 @@ class FpgaServer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
+        for client in list(self._clients):
+            client.join(timeout=5.0)
         for fd in self._fds:
             with contextlib.suppress(OSError):  # already closed by the peer side
                 os.close(fd)
@@ -183,65 +210,102 @@ class FpgaServer:
                 continue
             except OSError:
                 return
+            self._clients = {t for t in self._clients if t.is_alive()}
+            if len(self._clients) >= self.max_clients:  # full: closed at once, without an answer
+                self.device.counters["refused_full"] += 1
+                conn.close()
+                continue
             self.link["connections"] += 1
-            with conn:
-                conn.settimeout(_POLL_S)
-                self._serve_connection(conn)
+            thread = threading.Thread(target=self._serve_connection, args=(conn,), daemon=True,
+                                      name=f"fpga-client {self.resource}")  # fmt: skip
+            self._clients.add(thread)
+            thread.start()
 
     def _serve_connection(self, conn: socket.socket) -> None:
+        """One client, in its own thread: its stalls (not reading, not writing) are its own."""
         reader = FrameReader()
         closed = threading.Event()
         session = _Session(self.token is None)
+        accepted = time.monotonic()
 
         def send(chunk: bytes) -> bool:
-            try:
-                conn.sendall(chunk)
-                return True
-            except OSError:
-                closed.set()
-                return False
+            view = memoryview(chunk)
+            deadline = time.monotonic() + self.send_timeout_s
+            while view:
+                if self._stop.is_set() or closed.is_set():
+                    return False
+                if time.monotonic() > deadline:  # the client does not read: it loses its connection, nobody else
+                    self.device.counters["send_timeouts"] += 1
+                    log.warning("FPGA emulator closed a client that did not read a response for %g s",
+                                self.send_timeout_s)
+                    closed.set()
+                    return False
+                try:
+                    _, ready, _ = select.select([], [conn], [], _POLL_S)
+                    if ready:
+                        view = view[conn.send(view) :]
+                except (BlockingIOError, TimeoutError, socket.timeout):
+                    continue
+                except OSError:
+                    closed.set()
+                    return False
+            return True
 
-        while not self._stop.is_set() and not closed.is_set():
-            try:
-                data = conn.recv(65536)
-            except (TimeoutError, socket.timeout):
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            self._receive(data, reader, send, close=closed.set, session=session)
+        with conn:
+            conn.settimeout(_POLL_S)
+            while not self._stop.is_set() and not closed.is_set():
+                if not session.handshaken and time.monotonic() - accepted > self.handshake_timeout_s:
+                    self.device.counters["idle_closed"] += 1
+                    log.warning("FPGA emulator closed a connection that sent no valid frame within %g s",
+                                self.handshake_timeout_s)
+                    return
+                try:
+                    data = conn.recv(65536)
+                except (TimeoutError, socket.timeout):
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                self._receive(data, reader, send, close=closed.set, session=session)
 
     # ------------------------------------------------------------------------------------------ processing
     def _receive(
         self, data: bytes, reader: FrameReader, send: Callable[[bytes], bool], close: Callable[[], None] | None,
         session: "_Session | None" = None,
     ) -> None:
+        session = session if session is not None else _Session(True)
         self.link["rx_bytes"] += len(data)
-        self._pace_rx(len(data))
+        self._pace_rx(len(data), session)
         for item in reader.feed_raw(data):
-            if session is not None:
-                gate = self._gate(item, session)
-                if gate is not None:  # answered here: an AUTH, or a refusal
-                    reply, refused = gate
-                    if reply is not None:
-                        self._send(DELIMITER + reply, send)
-                    if refused and close is not None:
-                        close()
-                        return
-                    continue
-            if isinstance(item, FrameDecodeError):
-                reply = self.device.reject(item)
-            else:
-                raw = self.faults.on_request(item) if self.faults is not None else item
-                reply = self._dispatch(raw)
+            if not isinstance(item, FrameDecodeError) and not session.handshaken:
+                try:
+                    decode_frame(item)
+                    session.handshaken = True  # a valid frame: the connection is a host, not a stray socket
+                except FrameDecodeError:
+                    pass
+            gate = self._gate(item, session)
+            if gate is not None:  # answered here: an AUTH, or a refusal
+                reply, refused = gate
+                if reply is not None:
+                    self._send(DELIMITER + reply, send, session)
+                if refused and close is not None:
+                    close()
+                    return
+                continue
+            with self._lock:
+                if isinstance(item, FrameDecodeError):
+                    reply = self.device.reject(item)
+                else:
+                    raw = self.faults.on_request(item) if self.faults is not None else item
+                    reply = self._dispatch(raw)
+                plan = self.faults.on_response(DELIMITER + reply) if reply is not None and self.faults else None
             if reply is None:
                 continue
             wire = DELIMITER + reply
-            if self.faults is None:
-                self._send(wire, send)
+            if plan is None:
+                self._send(wire, send, session)
                 continue
-            plan = self.faults.on_response(wire)
             if plan.delay_s > 0:
                 self._stop.wait(plan.delay_s)
             if plan.close:
@@ -251,7 +315,7 @@ class FpgaServer:
                     return
                 continue  # a pty cannot be closed by the device: the response is lost instead
             if plan.data:
-                self._send(plan.data, send)
+                self._send(plan.data, send, session)
 
     def _gate(self, item: bytes | FrameDecodeError, session: "_Session") -> tuple[bytes | None, bool] | None:
         """Access control before the device: None lets ``item`` through; else (response or None, refused)."""
@@ -285,7 +349,7 @@ class FpgaServer:
         return self._auth_frame(frame.seq, frame.opcode, m.Status.UNAUTHORIZED, body), True
 
     def _auth_frame(self, seq: int, opcode: int, status: m.Status, body: bytes) -> bytes:
-        payload = m.encode_envelope(status, self.device.boot, body)
+        payload = m.encode_envelope(status, self.device.boot, body, self.device.instance)
         return encode_frame(seq, (int(opcode) & 0x7F) | m.RESPONSE_BIT, payload)
 
     def _dispatch(self, raw: bytes) -> bytes | None:
@@ -305,15 +369,15 @@ class FpgaServer:
         return DELIMITER.join(answered) if answered else None
 
     # ------------------------------------------------------------------------------------------ link rate
-    def _pace_rx(self, n: int) -> None:
+    def _pace_rx(self, n: int, session: _Session) -> None:
         """Hold processing until ``n`` received bytes would have crossed a wire of the configured rate."""
         if self.link_rate is None:
             return
         now = time.monotonic()
-        self._rx_free_at = max(self._rx_free_at, now) + n / self.link_rate
-        self._wait_until(self._rx_free_at)
+        session.rx_free_at = max(session.rx_free_at, now) + n / self.link_rate
+        self._wait_until(session.rx_free_at)
 
-    def _send(self, wire: bytes, send: Callable[[bytes], bool]) -> None:
+    def _send(self, wire: bytes, send: Callable[[bytes], bool], session: _Session) -> None:
         if self.link_rate is None:
             if send(wire):
                 self.link["tx_bytes"] += len(wire)
@@ -322,8 +386,8 @@ class FpgaServer:
         for start in range(0, len(wire), slice_bytes):
             chunk = wire[start : start + slice_bytes]
             # A chunk leaves once the wire has had time to carry it: its bytes arrive at the emulated baud rate.
-            self._tx_free_at = max(self._tx_free_at, time.monotonic()) + len(chunk) / self.link_rate
-            self._wait_until(self._tx_free_at)
+            session.tx_free_at = max(session.tx_free_at, time.monotonic()) + len(chunk) / self.link_rate
+            self._wait_until(session.tx_free_at)
             if not send(chunk):
                 return
             self.link["tx_bytes"] += len(chunk)

@@ -10,8 +10,12 @@ that the spec prints, and a round-trip test can walk every opcode. Field kinds (
     u16a u16 count + u16 values    u8a  u16 count + u8 values    str  u8 length + UTF-8
     json UTF-8 JSON text filling the rest of the payload (last field only)
 
-A response payload is ``status u8 | boot u16 | body``: the body follows the response schema when status is OK
-and is a UTF-8 message otherwise.
+    upd  u8 count + that many pulse updates (STEP, APPLY_SPARSE; see :func:`encode_updates`)
+
+Protocol version 2: a request payload is ``fence u64 | fields`` (the instance the request is meant for, checked
+by the device for state-changing opcodes; 0 when unbound), a response payload is
+``status u8 | boot u16 | instance u64 | body``: the body follows the response schema when status is OK and is a
+UTF-8 message otherwise.
 """
 
 from __future__ import annotations
@@ -19,17 +23,19 @@ from __future__ import annotations
 import json
 import struct
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from eqprop_hil.protocols import fixed_point as fx
 from eqprop_hil.protocols.errors import ProtocolError, ValueRangeError
+from eqprop_hil.protocols.fpga_updates import decode_updates, encode_updates
 from eqprop_hil.protocols.framing import MAX_PAYLOAD
 
 RESPONSE_BIT = 0x80  # response opcode = request opcode | 0x80
 ALL_LAYERS = 0xFF  # READ_STATE layer that means "every layer"
-ENVELOPE = struct.Struct("<BH")  # status, boot counter
+ENVELOPE = struct.Struct("<BHQ")  # status, boot counter, instance id (version 2)
+FENCE = struct.Struct("<Q")  # the instance a request is meant for, first 8 bytes of every request payload
 
 
 class Opcode(IntEnum):
@@ -59,6 +65,8 @@ class Opcode(IntEnum):
     INFER = 0x17
     DESCRIBE = 0x18
     COUNTERS = 0x19
+    STEP = 0x1A  # compound nudged step: sparse pulse updates + settle + every layer's state, one round trip
+    APPLY_SPARSE = 0x1B  # pulse updates of one or more matrices in sparse form, one pulse command
     AUTH = 0x70  # shared-token access control, answered by the transport (fpga_serial.md 7.1)
 
 
@@ -74,6 +82,16 @@ class Status(IntEnum):
     NOT_SYNCED = 0x08  # device booted since the last SYNC; mutating commands refused until SYNC
     DEVICE_ERROR = 0x09  # internal failure of the device
     UNAUTHORIZED = 0x0A  # no or wrong AUTH token on a connection that needs one; not executed, link closed
+    WRONG_INSTANCE = 0x0B  # the request's fence is not this power-up's instance id; not executed, nothing changed
+
+
+class UpdateForm(IntEnum):
+    """How one matrix's pulse update travels inside STEP / APPLY_SPARSE (fpga_serial.md section 5.2)."""
+
+    DENSE = 0  # counts i8a: every device of the matrix, row-major
+    SPARSE16 = 1  # n u16, n x index u16 (row-major flat index), n x count int8; matrices of <= 65536 devices
+    SPARSE32 = 2  # n u16, n x index u32, n x count int8
+    OUTER = 3  # bit_length u8, rows qp, cols qp (stochastic pulse trains, as APPLY_OUTER)
 
 
 class PhaseCode(IntEnum):
@@ -137,6 +155,8 @@ SCHEMAS: dict[Opcode, tuple[Schema, Schema]] = {
     Opcode.INFER: ((("t1", "u16"), ("volts", "qs")), (("output", "qs"),)),
     Opcode.DESCRIBE: ((), (("description", "json"),)),
     Opcode.COUNTERS: ((), (("counters", "json"),)),
+    Opcode.STEP: ((("steps", "u32"), ("updates", "upd")), (("pulses", "u32"), ("states", "qs"))),
+    Opcode.APPLY_SPARSE: ((("updates", "upd"),), (("pulses", "u32"),)),
     Opcode.AUTH: ((("token", "str"),), ()),
 }
 
@@ -147,14 +167,28 @@ _COUNT = struct.Struct("<H")
 _ELEM = {"qs": 2, "qp": 2, "i8a": 1, "f32a": 4, "u16a": 2, "u8a": 1}
 
 
-def encode_request(opcode: Opcode | int, **fields: Any) -> bytes:
-    """Payload of a request; every field of the opcode's schema must be given, no other."""
-    return _encode(SCHEMAS[Opcode(opcode)][0], fields, f"{Opcode(opcode).name} request")
+def encode_request(opcode: Opcode | int, *, fence: int = 0, **fields: Any) -> bytes:
+    """Payload of a request: the ``fence`` (instance id the request is meant for, u64; 0 = none) followed by
+    the opcode's fields; every field of the opcode's schema must be given, no other."""
+    if isinstance(fence, bool) or not isinstance(fence, (int, np.integer)) or not 0 <= int(fence) <= 0xFFFF_FFFF_FFFF_FFFF:
+        raise ValueRangeError(f"fence {fence!r} must be an integer in 0..2**64-1 (an instance id)")
+    return FENCE.pack(int(fence)) + _encode(SCHEMAS[Opcode(opcode)][0], fields, f"{Opcode(opcode).name} request",
+                                            room=MAX_PAYLOAD - FENCE.size)
+
+
+def request_fence(payload: bytes) -> int:
+    """The fence of a request payload; raises :class:`ProtocolError` (BAD_LENGTH) when it holds fewer than 8 bytes."""
+    if len(payload) < FENCE.size:
+        raise ProtocolError(f"request payload of {len(payload)} bytes lacks the 8-byte fence: {bytes(payload).hex(' ')}")
+    return FENCE.unpack_from(payload)[0]
 
 
 def decode_request(opcode: Opcode | int, payload: bytes) -> dict[str, Any]:
-    """Fields of a request payload; raises :class:`ProtocolError` (status BAD_LENGTH) on a layout mismatch."""
-    return _decode(SCHEMAS[Opcode(opcode)][0], payload, f"{Opcode(opcode).name} request")
+    """Fields of a request payload (after its fence). Layout mismatch: :class:`ProtocolError` (status BAD_LENGTH);
+    a well-formed payload with a NaN or infinite float: :class:`ValueRangeError` (status OUT_OF_RANGE)."""
+    request_fence(payload)
+    return _decode(SCHEMAS[Opcode(opcode)][0], bytes(payload)[FENCE.size :], f"{Opcode(opcode).name} request",
+                   nonfinite=ValueRangeError)
 
 
 def encode_response(opcode: Opcode | int, **fields: Any) -> bytes:
@@ -166,20 +200,42 @@ def decode_response(opcode: Opcode | int, body: bytes) -> dict[str, Any]:
     return _decode(SCHEMAS[Opcode(opcode)][1], body, f"{Opcode(opcode).name} response")
 
 
-def encode_envelope(status: Status | int, boot: int, body: bytes = b"") -> bytes:
-    """Response payload: status u8, boot counter u16, then the body (or an error message for status != OK)."""
-    return ENVELOPE.pack(int(status), boot & 0xFFFF) + body
+class Envelope(NamedTuple):
+    """The fixed head of every response payload (version 2) and the body after it."""
+
+    status: Status
+    boot: int  # boot counter, +1 at every power-up
+    instance: int  # random u64 drawn at every power-up; never 0
+    body: bytes
+
+
+def encode_envelope(status: Status | int, boot: int, body: bytes = b"", instance: int = 0) -> bytes:
+    """Response payload: status u8, boot counter u16, instance id u64, then the body (or an error message)."""
+    return ENVELOPE.pack(int(status), boot & 0xFFFF, instance) + body
+
+
+def split_envelope(payload: bytes) -> Envelope:
+    """Split a response payload into status, boot counter, instance id and body; an unknown status code or a
+    payload shorter than the 11-byte envelope raises ProtocolError."""
+    if len(payload) < ENVELOPE.size:
+        raise ProtocolError(f"response payload of {len(payload)} bytes lacks the {ENVELOPE.size}-byte envelope "
+                            f"(status, boot, instance): {bytes(payload).hex(' ')}")
+    status, boot, instance = ENVELOPE.unpack_from(payload)
+    try:
+        return Envelope(Status(status), boot, instance, bytes(payload[ENVELOPE.size :]))
+    except ValueError as e:
+        raise ProtocolError(f"unknown status code 0x{status:02X} in response {bytes(payload[:16]).hex(' ')}") from e
 
 
 def decode_envelope(payload: bytes) -> tuple[Status, int, bytes]:
-    """Split a response payload into (status, boot counter, body); unknown status codes raise ProtocolError."""
-    if len(payload) < ENVELOPE.size:
-        raise ProtocolError(f"response payload of {len(payload)} bytes lacks status and boot counter: {payload.hex(' ')}")
-    status, boot = ENVELOPE.unpack_from(payload)
-    try:
-        return Status(status), boot, payload[ENVELOPE.size :]
-    except ValueError as e:
-        raise ProtocolError(f"unknown status code 0x{status:02X} in response {payload[:16].hex(' ')}") from e
+    """(status, boot counter, body) of a response payload: :func:`split_envelope` without the instance."""
+    env = split_envelope(payload)
+    return env.status, env.boot, env.body
+
+
+def instance_hex(instance: int) -> str:
+    """The text form of an instance id: 16 lowercase hex digits (``Identity["instance"]``)."""
+    return f"{int(instance):016x}"
 
 
 def rows_per_chunk(n_cols: int, elem_bytes: int, fixed_bytes: int) -> int:
@@ -190,13 +246,13 @@ def rows_per_chunk(n_cols: int, elem_bytes: int, fixed_bytes: int) -> int:
     return min(room // (n_cols * elem_bytes), 0xFFFF // n_cols)
 
 
-# Fixed bytes besides the matrix data, for chunking (see spec section 5).
-PULSE_FIXED = 6  # edge, feedback, row_start, n_rows
-READ_FIXED = ENVELOPE.size  # the response carries status + boot before the f32a
-PROGRAM_FIXED = 6 + 1 + 4 + 2  # matrix head, commit, tolerance, max_iterations
+# Fixed bytes besides the matrix data, for chunking (see spec section 5.1).
+PULSE_FIXED = FENCE.size + 6  # fence, edge, feedback, row_start, n_rows
+READ_FIXED = ENVELOPE.size  # the response carries status, boot and instance before the f32a
+PROGRAM_FIXED = FENCE.size + 6 + 1 + 4 + 2  # fence, matrix head, commit, tolerance, max_iterations
 
 
-def _encode(schema: Schema, fields: dict[str, Any], what: str) -> bytes:
+def _encode(schema: Schema, fields: dict[str, Any], what: str, room: int = MAX_PAYLOAD) -> bytes:
     names = [name for name, _ in schema]
     if set(fields) != set(names):
         raise ValueRangeError(f"{what} takes fields {names}, got {sorted(fields)}")
@@ -209,8 +265,8 @@ def _encode(schema: Schema, fields: dict[str, Any], what: str) -> bytes:
             if isinstance(e, ValueRangeError):
                 raise ValueRangeError(f"{what}, field {name!r}: {e}") from e
             raise ValueRangeError(f"{what}, field {name!r} ({kind}) cannot hold {value!r}: {e}") from e
-    if len(out) > MAX_PAYLOAD:
-        raise ValueRangeError(f"{what} payload of {len(out)} bytes exceeds {MAX_PAYLOAD}; send it in row chunks")
+    if len(out) > room:
+        raise ValueRangeError(f"{what} payload of {len(out)} bytes exceeds {room}; send it in row chunks")
     return bytes(out)
 
 
@@ -230,6 +286,8 @@ def _encode_field(kind: str, value: Any) -> bytes:
         return bytes([len(data)]) + data
     if kind == "json":
         return json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    if kind == "upd":
+        return encode_updates(value)
     arr = np.asarray(value).reshape(-1)
     if arr.size > 0xFFFF:
         raise ValueRangeError(f"array of {arr.size} elements exceeds the u16 count")
@@ -250,10 +308,13 @@ def _encode_field(kind: str, value: Any) -> bytes:
     raise ValueRangeError(f"unknown field kind {kind!r}")
 
 
-def _decode(schema: Schema, payload: bytes, what: str) -> dict[str, Any]:
+def _decode(schema: Schema, payload: bytes, what: str, nonfinite: type[Exception] = ProtocolError) -> dict[str, Any]:
+    """Walk ``schema`` over ``payload``. The whole layout is checked first (ProtocolError); only then a NaN or
+    infinite float raises ``nonfinite`` (a request: ValueRangeError -> OUT_OF_RANGE; a response: ProtocolError)."""
     data = bytes(payload)
     pos = 0
     out: dict[str, Any] = {}
+    bad_floats: list[str] = []
 
     def take(n: int, name: str) -> bytes:
         nonlocal pos
@@ -271,7 +332,7 @@ def _decode(schema: Schema, payload: bytes, what: str) -> dict[str, Any]:
         elif kind in ("f32", "f32n"):
             value = _F32.unpack(take(4, name))[0]
             if kind == "f32" and not np.isfinite(value):
-                raise ProtocolError(f"{what}, field {name!r} holds {value!r}; a finite float32 is required")
+                bad_floats.append(f"{what}, field {name!r} holds {value!r}; a finite float32 is required")
             out[name] = float(value)
         elif kind == "str":
             n = take(1, name)[0]
@@ -279,6 +340,9 @@ def _decode(schema: Schema, payload: bytes, what: str) -> dict[str, Any]:
                 out[name] = take(n, name).decode("utf-8")
             except UnicodeDecodeError as e:
                 raise ProtocolError(f"{what}, field {name!r} is not UTF-8: {e}") from e
+        elif kind == "upd":
+            updates, pos = decode_updates(data, pos, f"{what}, field {name!r}")
+            out[name] = updates
         elif kind == "json":
             text = take(len(data) - pos, name)
             try:
@@ -297,10 +361,14 @@ def _decode(schema: Schema, payload: bytes, what: str) -> dict[str, Any]:
             elif kind == "f32a":
                 values = fx.decode_f32(raw)
                 if not np.all(np.isfinite(values)):
-                    raise ProtocolError(f"{what}, field {name!r} holds NaN or infinity")
+                    first = int(np.flatnonzero(~np.isfinite(values))[0])
+                    bad_floats.append(f"{what}, field {name!r} holds NaN or infinity: {float(values[first])!r} at index {first}; finite float32 "
+                                      f"values are required")
                 out[name] = values
             else:
                 out[name] = np.frombuffer(raw, dtype="<u2" if kind == "u16a" else "u1").astype(np.int64)
     if pos != len(data):
         raise ProtocolError(f"{what} has {len(data) - pos} trailing byte(s) after its last field: {data[pos:][:16].hex(' ')}")
+    if bad_floats:
+        raise nonfinite(bad_floats[0])
     return out

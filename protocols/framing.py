@@ -24,16 +24,17 @@ from cobs import cobs
 
 from eqprop_hil.protocols.errors import FrameError, ValueRangeError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # fpga_serial.md section 2.1: a device answers another version with BAD_VERSION
 HEADER = struct.Struct("<BHBH")  # version, seq, opcode, payload length
 HEADER_BYTES = HEADER.size  # 6
 CRC_BYTES = 2
 MAX_PAYLOAD = 0xFFFF  # the length field is u16
 MAX_SEQ = 0xFFFF
 DELIMITER = b"\x00"
-# COBS adds one byte per started 254-byte block plus one: the longest valid encoded frame (without delimiter).
-MAX_RAW = HEADER_BYTES + MAX_PAYLOAD + CRC_BYTES
-MAX_ENCODED = MAX_RAW + MAX_RAW // 254 + 1
+# COBS adds at most one code byte per 254 data bytes plus one: the longest raw frame (65543 bytes) needs
+# 65543 // 254 + 1 = 259 code bytes, so the longest valid encoded frame is 65802 bytes (without the delimiter).
+MAX_RAW = HEADER_BYTES + MAX_PAYLOAD + CRC_BYTES  # 65543
+MAX_ENCODED = MAX_RAW + MAX_RAW // 254 + 1  # 65802
 
 FrameFault = Literal["cobs", "short", "length", "crc", "version", "oversized", "partial"]
 
@@ -52,11 +53,13 @@ class FrameDecodeError(FrameError):
     """A frame that failed to decode; ``fault`` says how, ``seq``/``opcode`` are the unverified header
     fields when at least a header was recovered (a device echoes them in its CRC_ERROR answer)."""
 
-    def __init__(self, message: str, fault: FrameFault, seq: int | None = None, opcode: int | None = None) -> None:
+    def __init__(self, message: str, fault: FrameFault, seq: int | None = None, opcode: int | None = None,
+                 version: int | None = None) -> None:
         super().__init__(message)
         self.fault: FrameFault = fault
         self.seq = seq
         self.opcode = opcode
+        self.version = version  # the frame's version byte, when a header was recovered
 
 
 def crc16(data: bytes) -> int:
@@ -97,13 +100,15 @@ def decode_frame(encoded: bytes) -> Frame:
     expected, received = crc16(body), int.from_bytes(crc_bytes, "big")
     if expected != received:
         raise FrameDecodeError(
-            f"CRC mismatch: computed 0x{expected:04X}, frame carries 0x{received:04X} in {_hex(raw)}", "crc", seq, opcode
+            f"CRC mismatch: computed 0x{expected:04X}, frame carries 0x{received:04X} in {_hex(raw)}", "crc", seq, opcode,
+            version,
         )
     if length != got:
-        raise FrameDecodeError(f"header announces {length} payload bytes, frame holds {got}", "length", seq, opcode)
+        raise FrameDecodeError(f"header announces {length} payload bytes, frame holds {got}", "length", seq, opcode,
+                               version)
     if version != PROTOCOL_VERSION:
         raise FrameDecodeError(
-            f"protocol version {version}, this side speaks {PROTOCOL_VERSION}", "version", seq, opcode
+            f"protocol version {version}, this side speaks {PROTOCOL_VERSION}", "version", seq, opcode, version
         )
     return Frame(seq=seq, opcode=opcode, payload=raw[HEADER_BYTES:-CRC_BYTES], version=version)
 

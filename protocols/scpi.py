@@ -33,6 +33,7 @@ ERROR_MESSAGES: dict[int, str] = {
     -109: "Missing parameter",
     -113: "Undefined header",
     -120: "Numeric data error",
+    -138: "Suffix not allowed",
     -141: "Invalid character data",
     -151: "Invalid string data",
     -160: "Block data error",
@@ -49,6 +50,9 @@ ERROR_MESSAGES: dict[int, str] = {
     102: "Non-finite value in block",
     110: "Nudge current exceeds compliance",
     120: "Integrity check failed; message not executed",
+    130: "Instance mismatch; not executed",
+    131: "Request id conflict; not executed",
+    132: "Request id stale; not executed",
     140: "Device busy; command not executed",
 }
 
@@ -65,6 +69,7 @@ class ScpiCommandError(ScpiError):
     def __init__(self, code: int, detail: str = "") -> None:
         self.code = code
         self.detail = detail
+        self.prefix = b""  # scanner errors: the message bytes before the defect
         self.entry = format_error_entry(code, detail)
         super().__init__(self.entry)
 
@@ -135,7 +140,12 @@ class MessageScanner:
     A message ends at LF (a CR before it is dropped), except that a definite-length block ``#<n><len>`` in the
     parameter part is skipped by its length, so block bytes equal to 0x0A or ``"`` never end or confuse a
     message. A malformed block header is left for the parser to report. Text beyond MAX_LINE_BYTES without LF
-    yields a ``ScpiCommandError(-363)`` and is discarded up to the next LF.
+    yields a ``ScpiCommandError(-363)`` and is discarded up to the next LF. A block header declaring more than
+    ``MAX_BLOCK_BYTES`` yields -223 at once, and the declared number of bytes, then everything up to the next
+    LF, is discarded (spec 1.3): no byte of a refused block is ever parsed as a command. Errors carry
+    ``prefix``, the message bytes before the defect (a tag there lets the board answer the error tagged).
+
+    :meth:`expire` abandons an incomplete message (the board calls it after the message timeout of spec 1.3).
     """
 
     def __init__(self) -> None:
@@ -144,7 +154,36 @@ class MessageScanner:
         self._params = False  # past the header (a block may start)
         self._quote = False
         self._text = 0  # bytes of text (outside blocks) in the current message
-        self._discard = False  # overrun: dropping bytes up to the next LF
+        self._discard = False  # overrun or refused block: dropping bytes up to the next LF
+        self._skip = 0  # bytes of a refused block still to drop before the discard to LF
+        self._in_block = False  # waiting for the rest of a block
+        self._block_end = -1  # buffer index just past the last complete block of this message
+
+    @property
+    def pending(self) -> bool:
+        """True while part of a message (or a discard) is waiting for more bytes."""
+        return bool(self._buf) or self._discard or self._skip > 0
+
+    def expire(self) -> ScpiCommandError | None:
+        """Abandon the incomplete message (message timeout): the error the board queues, or None when only a
+        discard was under way (its error was reported when it began)."""
+        error: ScpiCommandError | None
+        if self._discard or self._skip:
+            error = None
+        elif self._in_block:
+            error = ScpiCommandError(-160, "truncated block: its declared length did not arrive in time")
+        elif self._block_end >= 0 and not bytes(self._buf[self._block_end :]).strip(b" \t\r"):
+            error = ScpiCommandError(-160, "no LF after the block: end every message with LF")
+        elif self._buf:
+            error = ScpiCommandError(-102, f"message not terminated by LF: {bytes(self._buf[:24])!r}")
+        else:
+            error = None
+        if error is not None:
+            error.prefix = bytes(self._buf[:64])
+        del self._buf[:]
+        self._reset()
+        self._skip = 0
+        return error
 
     def feed(self, data: bytes) -> list[bytes | ScpiCommandError]:
         """Add received bytes; return every message completed by them (without the terminator)."""
@@ -152,6 +191,11 @@ class MessageScanner:
         out: list[bytes | ScpiCommandError] = []
         buf = self._buf
         while self._pos < len(buf):
+            if self._skip:
+                take = min(self._skip, len(buf) - self._pos)
+                del buf[self._pos : self._pos + take]
+                self._skip -= take
+                continue
             byte = buf[self._pos]
             if self._discard:
                 nl = buf.find(b"\n", self._pos)
@@ -171,11 +215,26 @@ class MessageScanner:
             if byte == 0x23 and self._params and not self._quote:  # '#'
                 skip = self._block_length()
                 if skip is None:
+                    self._in_block = True
                     break  # header not complete yet
+                if skip < 0:  # declared more than MAX_BLOCK_BYTES: refuse, drop its declared bytes, then to LF
+                    declared = -skip
+                    error = ScpiCommandError(-223, f"block declares {declared} bytes, more than the "
+                                                   f"{ieee_block.MAX_BLOCK_BYTES} allowed; its bytes are discarded")
+                    error.prefix = bytes(buf[: self._pos])
+                    out.append(error)
+                    del buf[: self._pos]
+                    self._pos = 0
+                    self._skip = declared
+                    self._discard = True
+                    continue
                 if skip > 0:
                     if self._pos + skip > len(buf):
+                        self._in_block = True
                         break  # wait for the rest of the block
+                    self._in_block = False
                     self._pos += skip
+                    self._block_end = self._pos
                     continue
             elif byte == 0x22:  # '"'
                 self._quote = not self._quote
@@ -184,12 +243,15 @@ class MessageScanner:
             self._pos += 1
             self._text += 1
             if self._text > MAX_LINE_BYTES:
-                out.append(ScpiCommandError(-363, f"more than {MAX_LINE_BYTES} bytes of text without LF"))
+                error = ScpiCommandError(-363, f"more than {MAX_LINE_BYTES} bytes of text without LF")
+                error.prefix = bytes(buf[:64])
+                out.append(error)
                 self._discard = True
         return out
 
     def _block_length(self) -> int | None:
-        """Total bytes of the block starting at the cursor; 0 if it is not a valid header; None if incomplete."""
+        """Total bytes of the block starting at the cursor; 0 if it is not a valid header; None if incomplete;
+        minus (header + declared length) if it declares more than MAX_BLOCK_BYTES."""
         head = bytes(self._buf[self._pos : self._pos + 11])
         if len(head) < 2:
             return None
@@ -198,11 +260,12 @@ class MessageScanner:
         n = int(head[1:2])
         if len(head) < 2 + n:
             return None
-        try:
-            start, length = ieee_block.parse_header(head)
-        except BlockError:
+        digits = head[2 : 2 + n]
+        if not digits.isdigit():
             return 0
-        return start + length
+        if int(digits) > ieee_block.MAX_BLOCK_BYTES:
+            return -(2 + n + int(digits))
+        return 2 + n + int(digits)
 
     def _reset(self) -> None:
         self._pos = 0
@@ -210,12 +273,16 @@ class MessageScanner:
         self._quote = False
         self._text = 0
         self._discard = False
+        self._in_block = False
+        self._block_end = -1
 
 
 # ---------------------------------------------------------------------------------------------------- parsing
 
 _NR1 = re.compile(rb"^[+-]?\d+$")
 _NRF = re.compile(rb"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_NONFINITE = re.compile(rb"^[+-]?(nan|inf|infinity)$", re.I)
+_SUFFIXED = re.compile(rb"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?[A-Za-z]+$")
 _HEADER_CHARS = re.compile(rb"^[*:]?[A-Za-z][A-Za-z0-9:]*\??$")
 
 
@@ -314,6 +381,11 @@ def _convert(param: Param, token: bytes) -> object:
         raise ScpiCommandError(-168, f"{param.name} takes no block, got {_excerpt(token)}")
     if token.startswith(b'"'):
         raise ScpiCommandError(-104, f"{param.name} takes no string, got {_excerpt(token)}")
+    if param.kind in ("int", "float") and not (_NR1.match(token) or _NRF.match(token)):
+        if _NONFINITE.match(token):
+            raise ScpiCommandError(-120, f"{param.name} must be a finite number, got {_excerpt(token)}")
+        if _SUFFIXED.match(token):
+            raise ScpiCommandError(-138, f"{param.name} takes no unit suffix (base SI units), got {_excerpt(token)}")
     if param.kind == "int":
         if not _NR1.match(token):
             code = -120 if token[:1] in b"+-.0123456789" else -104

@@ -17,6 +17,7 @@ MAX_PHASE_STEPS = 100_000  # t1, t2 of LEARn:SAMPle? and INFer?
 MAX_BETA = 10.0  # nudge strength (dimensionless), target mode and local learning
 MAX_BIT_LENGTH = 255  # stochastic pulse-train length of PULSe:OUTer
 MAX_ETA = 1.0  # local-learning rate per edge
+PROTOCOL_VERSION = 2  # SYSTem:PROTocol? (spec preface); the driver refuses any other
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class CommandSpec:
     reply: str = ""  # what a query answers; "" for a set command
     summary: str = ""
     errors: tuple[int, ...] = ()  # device-side codes besides the parser's
+    changes: bool | None = None  # changes the board (fenced, spec 4.2); None: every set command but connection ones
     variants: tuple[tuple[str, ...], ...] = field(init=False)  # mnemonic node lists the header accepts
     key: str = field(init=False)  # short canonical form without optional nodes: "SYST:ERR?"
 
@@ -53,10 +55,15 @@ class CommandSpec:
         short = ":".join("".join(c for c in n if c.isupper() or c.isdigit() or c == "*") for n in required)
         object.__setattr__(self, "variants", variants)
         object.__setattr__(self, "key", short + ("?" if self.query else ""))
+        if self.changes is None:
+            object.__setattr__(self, "changes", not self.query and self.key not in _CONNECTION_SETTINGS)
 
     @property
     def query(self) -> bool:
         return self.header.endswith("?")
+
+
+_CONNECTION_SETTINGS = ("*CLS", "*ESE", "*OPC", "SYST:INT")  # per-connection state: never fenced (spec 4.2)
 
 
 def _edge() -> Param:
@@ -81,6 +88,10 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("SYSTem:ERRor[:NEXT]?", reply='<code>,"<message>"', summary="oldest error-queue entry (FIFO)"),
     CommandSpec("SYSTem:ERRor:COUNt?", reply="NR1", summary="entries in the error queue"),
     CommandSpec("SYSTem:VERSion?", reply="1999.0", summary="SCPI version"),
+    CommandSpec("SYSTem:PROTocol?", reply="NR1 2", summary="revision of this protocol (spec preface)"),
+    CommandSpec("SYSTem:INSTance?", reply='string "<16 hex digits>"', summary="instance id drawn at power-up"),
+    CommandSpec("SYSTem:REQuest:LAST?", reply="NR1, -1 if none",
+                summary="newest request id accepted into the duplicate cache (spec 4.2)"),
     CommandSpec("SYSTem:BOOT?", reply="NR1", summary="boots since manufacture (non-volatile): a change means a power cycle"),
     CommandSpec("SYSTem:DESCribe?", reply="block of UTF-8 JSON", summary="device model, converters, config"),
     CommandSpec("SYSTem:INTegrity", (Param("enabled", "bool"),),
@@ -156,9 +167,16 @@ COMMANDS: tuple[CommandSpec, ...] = (
                                   Param("t2", "int", "steps", 1, MAX_PHASE_STEPS),
                                   Param("data", "block", "V")),
                 reply="block float32 (n_out,) V: free-phase output", summary="one training sample on the board",
-                errors=(101, -221, -222)),
+                errors=(101, -221, -222), changes=True),
     CommandSpec("INFer?", (Param("t1", "int", "steps", 1, MAX_PHASE_STEPS), Param("volts", "block", "V")),
-                reply="block float32 (n_out,) V", summary="reset, clamp input, t1 free steps", errors=(101, -222)),
+                reply="block float32 (n_out,) V", summary="reset, clamp input, t1 free steps", errors=(101, -222),
+                changes=True),
+    # compound step (spec 3.8)
+    CommandSpec("STEP?", (Param("steps", "int", "steps", 0, MAX_SETTLE_STEPS),
+                          Param("updates", "block", "", datatype="B")),
+                reply="<pulses NR1>,<block float32 states of every layer>",
+                summary="apply sparse/outer pulse updates (all or none), settle, read every layer: one pulse command",
+                errors=(-161, 101, 102, -221, -222), changes=True),
     # weights
     CommandSpec("WEIGht?", (_edge(),), reply="block float32 (n_dst*n_src,)", summary="effective weights W_e",
                 errors=(-222,)),

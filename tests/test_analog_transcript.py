@@ -17,17 +17,32 @@ import numpy as np
 import pytest
 
 from eqprop_hil.drivers.analog_board import AnalogBoard
-from eqprop_hil.drivers.errors import InstrumentError, LinkError, ReplyError
+from eqprop_hil.drivers.errors import InstanceChanged, InstrumentError, ProtocolVersionError, ReplyError
 from eqprop_hil.protocols.ieee_block import encode_block
 from eqprop_hil.protocols.scpi import MessageScanner
+from eqprop_hil.protocols.scpi_tags import make_tag, tagged, tagged_reply
 
 NOERR = b'0,"No error"'
 Script = list[tuple[bytes, bytes | None]]
+INST = "0123456789abcdef"  # the scripted board's instance id
 
 
-def init_script(sizes: bytes = b"2,2,2", edges: bytes = b"0,1,1,2") -> Script:
-    return [(b"*IDN?", b"EQPROP-HIL,ANALOG-EP-1,T0001,0.1.0"), (b"TOP:SIZ?", sizes), (b"TOP:EDG?", edges),
-            (b"TOP:FEED?", b"TIED"), (b"TOP:ACT?", b"TANH"), (b"NUDG:COMP?", b"0.0001"), (b"SYST:ERR?", NOERR)]
+def T(rid: int, text: bytes, block: bytes = b"") -> bytes:
+    """A tagged request as the driver sends it (spec 4.2): the tag first, then the parameters and block."""
+    return tagged(text, INST, rid) + block
+
+
+def R(rid: int, body: bytes = b"", code: int = 0) -> bytes:
+    """A tagged reply: the tag, the status, then the body (or the quoted message of an error)."""
+    return tagged_reply(make_tag(INST, rid), code, body if not code else None, body.decode() if code else "")
+
+
+def init_script(sizes: bytes = b"2,2,2", edges: bytes = b"0,1,1,2", last: int = -1) -> Script:
+    """Opening: revision and identity, instance and newest request id, topology, then tagged from id last+1."""
+    first = last + 1
+    return [(b"SYST:PROT?", b"2"), (b"*IDN?", b"EQPROP-HIL,ANALOG-EP-1,T0001,0.3.0"), (b"SYST:INST?", b'"%s"' % INST.encode()),
+            (b"SYST:REQ:LAST?", str(last).encode()), (b"TOP:SIZ?", sizes), (b"TOP:EDG?", edges),
+            (b"TOP:FEED?", b"TIED"), (b"TOP:ACT?", b"TANH"), (T(first, b"NUDG:COMP?"), R(first, b"0.0001"))]
 
 
 class ScriptedInstrument:
@@ -60,7 +75,10 @@ class ScriptedInstrument:
                     sel.register(conn, selectors.EVENT_READ, "conn")
                     continue
                 assert conn is not None
-                data = conn.recv(65536)
+                try:
+                    data = conn.recv(65536)
+                except OSError:  # reset by a driver that closed with a reply unread
+                    data = b""
                 if not data:
                     sel.unregister(conn)
                     conn.close()
@@ -104,7 +122,7 @@ def scripted(script: Script, **kwargs: object) -> Iterator[AnalogBoard]:
     responder = ScriptedInstrument(script)
     board = None
     try:
-        board = AnalogBoard(responder.resource, **{"timeout_s": 2.0, **kwargs})  # type: ignore[arg-type]
+        board = AnalogBoard(responder.resource, **{"timeout_s": 2.0, "integrity": False, **kwargs})  # type: ignore
         yield board
         responder.check()
     finally:
@@ -117,17 +135,20 @@ GOLDEN_INPUT = bytes.fromhex("23 32 31 32 00 00 00 3f 00 00 80 be 00 00 80 3f")
 
 
 def test_set_input_sends_the_spec_golden_bytes() -> None:
-    script = init_script(b"3,4,2") + [(b"INP " + GOLDEN_INPUT, None), (b"SYST:ERR?", NOERR)]
+    script = init_script(b"3,4,2") + [(b'INP "0123456789abcdef:00000001",' + GOLDEN_INPUT,
+                                       b'"0123456789abcdef:00000001",0')]
     with scripted(script) as board:
         board.set_input(np.array([0.5, -0.25, 1.0]))
-        assert board.identity()["serial"] == "T0001" and board.topology()["activation"] == "tanh"
+        identity = board.identity()
+        assert identity["serial"] == "T0001" and board.topology()["activation"] == "tanh"
+        assert identity["protocol"] == 2 and identity["instance"] == INST == board.bound_instance
 
 
 def test_pulse_commands_send_the_spec_golden_bytes() -> None:
     outer = bytes.fromhex("23 32 31 36 00 00 00 3f 00 00 80 bf 00 00 80 3e 00 00 00 00")
     script = init_script() + [
-        (b"PULS:MATR 0,#14\x01\xff\x00\x7f", None), (b"SYST:ERR?", NOERR), (b"PULS:LAST?", b"129"),
-        (b"PULS:OUT 1,31," + outer, None), (b"SYST:ERR?", NOERR), (b"PULS:LAST?", b"7"),
+        (T(1, b"PULS:MATR 0,", b"#14\x01\xff\x00\x7f"), R(1)), (T(2, b"PULS:LAST?"), R(2, b"129")),
+        (T(3, b"PULS:OUT 1,31,", outer), R(3)), (T(4, b"PULS:LAST?"), R(4, b"7")),
     ]
     with scripted(script) as board:
         assert board.apply_pulses(0, np.array([[1, -1], [0, 127]], np.int8)) == {"pulses": 129}
@@ -136,20 +157,36 @@ def test_pulse_commands_send_the_spec_golden_bytes() -> None:
 
 
 def test_train_sample_is_one_round_trip() -> None:
-    request = bytes.fromhex("4c 45 41 52 3a 53 41 4d 50 3f 20 30 2e 35 2c 32 30 2c 31 30 2c 23 32 32 30"
-                            "00 00 00 3f 00 00 80 be 00 00 80 3f 00 00 80 3f 00 00 00 00")
-    reply = bytes.fromhex("23 31 38 00 00 40 3f 00 00 00 3e")
+    request = bytes.fromhex("4c 45 41 52 3a 53 41 4d 50 3f 20") + b'"0123456789abcdef:00000001",' + bytes.fromhex(
+        "30 2e 35 2c 32 30 2c 31 30 2c 23 32 32 30 00 00 00 3f 00 00 80 be 00 00 80 3f 00 00 80 3f 00 00 00 00")
+    reply = R(1, bytes.fromhex("23 31 38 00 00 40 3f 00 00 00 3e"))
     with scripted(init_script(b"3,4,2") + [(request, reply)]) as board:
         trips = board.stats["round_trips"]
         out = board.train_sample(np.array([0.5, -0.25, 1.0]), np.array([1.0, 0.0]), 0.5, 20, 10)
         assert out.tolist() == [0.75, 0.125] and board.stats["round_trips"] == trips + 1
 
 
-def test_settle_waits_on_opc_and_properties_round_trip() -> None:
+def test_compound_step_is_one_round_trip_with_sparse_counts() -> None:
+    """Spec 3.8: matrix counts [[0, 3], [-2, 0]] on edge 0 travel as two (index, count) pairs; an outer record."""
+    updates = bytes.fromhex("01 00 00 00 02 00 00 00" "01 00 00 00 02 00 00 00" "03 fe"  # sparse, edge 0
+                            "02 00 01 00 04 00 00 00" "1f 00 00 00"  # outer, edge 1, n 4, bit length 31
+                            "00 00 00 3f 00 00 80 bf 00 00 80 3e 00 00 00 00")
+    states = encode_block(np.float32([0.5, -0.25, 0.75, 0.125, 0.25, 1.0]))
+    script = init_script() + [(T(1, b"STEP? 1,", b"#246" + updates), R(1, b"9," + states))]
+    with scripted(script) as board:
+        trips = board.stats["round_trips"]
+        result, layers = board.step([{"edge": 0, "counts": np.array([[0, 3], [-2, 0]], np.int8)},
+                                     {"edge": 1, "rows": np.array([0.5, -1.0]), "cols": np.array([0.25, 0.0]),
+                                      "bit_length": 31}], steps=1)
+        assert result == {"pulses": 9} and board.stats["round_trips"] == trips + 1
+        assert [x.tolist() for x in layers] == [[0.5, -0.25], [0.75, 0.125], [0.25, 1.0]]
+
+
+def test_settle_is_one_round_trip_and_properties_round_trip() -> None:
     script = init_script() + [
-        (b"SETT 40", None), (b"*OPC?", b"1"), (b"SYST:ERR?", NOERR),
-        (b"NUDG:COMP 5e-05", None), (b"SYST:ERR?", NOERR), (b"NUDG:COMP?", b"5e-05"),
-        (b"LEAR ON", None), (b"SYST:ERR?", NOERR), (b"PHAS?", b"NUDGE"),
+        (T(1, b"SETT 40"), R(1)),  # the tagged reply comes once the steps ran: no *OPC?, no SYST:ERR?
+        (T(2, b"NUDG:COMP 5e-05"), R(2)), (T(3, b"NUDG:COMP?"), R(3, b"5e-05")),
+        (T(4, b"LEAR ON"), R(4)), (T(5, b"PHAS?"), R(5, b"NUDGE")),
     ]
     with scripted(script) as board:
         board.settle(40)
@@ -159,25 +196,38 @@ def test_settle_waits_on_opc_and_properties_round_trip() -> None:
         assert board.phase == "NUDGE"
 
 
-def test_error_queue_entries_become_typed_errors() -> None:
-    script = init_script() + [
-        (b"EDGE:GAIN 1,0.5", None), (b"SYST:ERR?", b'-222,"Data out of range;edge 1"'),
-        (b"SYST:ERR?", b'-221,"Settings conflict"'), (b"SYST:ERR?", NOERR),
-    ]
+def test_tagged_errors_become_typed_errors() -> None:
+    script = init_script() + [(T(1, b"EDGE:GAIN 1,0.5"), R(1, b"Data out of range;edge 1", code=-222)),
+                              (T(2, b"EDGE:GAIN? 1"), R(2, b"Data out of range;edge 1", code=-222))]
     with scripted(script) as board:
         with pytest.raises(InstrumentError) as info:
             board.set_feedback_gain(1, 0.5)
-        assert info.value.code == -222 and "+1 more" in info.value.message
-        assert info.value.command == "EDGE:GAIN 1,0.5"
-
-
-def test_a_silent_refused_query_is_read_from_the_error_queue() -> None:
-    script = init_script() + [(b"EDGE:GAIN? 1", None), (b"SYST:ERR?", b'-222,"Data out of range"'),
-                              (b"SYST:ERR?", NOERR)]
-    with scripted(script, timeout_s=0.3) as board:
+        assert info.value.code == -222 and info.value.command == "EDGE:GAIN 1,0.5"
         with pytest.raises(InstrumentError, match="-222"):
-            board.feedback_gain(1)
+            board.feedback_gain(1)  # a refused query is answered too: no timeout
         assert board.stats["reconnects"] == 0
+
+
+def test_another_instance_refuses_and_the_driver_raises_instance_changed() -> None:
+    other = "fedcba9876543210"
+    script = init_script() + [
+        (T(1, b"PHAS FREE"), R(1, b"Instance mismatch; not executed;board is " + other.encode(), code=130)),
+        (T(2, b"SYST:INST?"), R(2, b'"' + other.encode() + b'"')),
+    ]
+    with scripted(script) as board:
+        with pytest.raises(InstanceChanged) as info:
+            board.set_phase("FREE")
+        assert (info.value.expected, info.value.actual) == (INST, other) and board.bound_instance == INST
+        assert board.instance_id() == other and board.bound_instance == INST  # never rebound by itself
+
+
+def test_a_stray_reply_is_discarded_not_taken_for_the_next() -> None:
+    """Spec 4.3: a duplicated reply to request 1 arrives before the reply to request 2; the driver reads on."""
+    script = init_script() + [(T(1, b"PHAS?"), R(1, b"FREE")),
+                              (T(2, b"PULS:COUN?"), R(1, b"FREE") + b"\n" + R(2, b"17"))]
+    with scripted(script) as board:
+        assert board.phase == "FREE" and board.pulse_commands_executed == 17
+        assert board.stats["stale_replies"] == 1
 
 
 @pytest.mark.parametrize(
@@ -185,47 +235,62 @@ def test_a_silent_refused_query_is_read_from_the_error_queue() -> None:
     [
         (encode_block(np.float32([0.5, np.nan])), "NaN"),
         (encode_block(np.float32([0.5, 0.1, 0.2])), "expected 2"),
-        (b"#2x1" + bytes(4), "malformed"),
     ],
 )
 def test_garbage_blocks_raise_reply_error(reply: bytes, message: str) -> None:
-    script = init_script() + [(b"STAT? 2", reply), (b"SYST:ERR?", NOERR)]  # reconnect drains the queue
+    script = init_script() + [(T(1, b"STAT? 2"), R(1, reply))]
     with scripted(script, retries=0, timeout_s=0.3) as board:
         with pytest.raises(ReplyError, match=message):
             board.read_state(2)
 
 
+def test_a_malformed_block_reconnects_and_raises_after_the_retries() -> None:
+    script = init_script() + [(T(1, b"STAT? 2"), R(1, b"#2x1" + bytes(4))), (b"SYST:ERR?", NOERR)]
+    with scripted(script, retries=0, timeout_s=0.3) as board:
+        with pytest.raises(ReplyError, match="block"):
+            board.read_state(2)
+
+
 def test_garbage_identity_raises_reply_error() -> None:
     with pytest.raises(ReplyError, match="4 comma-separated"):
-        with scripted([(b"*IDN?", b"HELLO"), (b"SYST:ERR?", NOERR)], retries=0):
-            ...  # opening is the test: *IDN? is the first query
+        with scripted([(b"SYST:PROT?", b"2"), (b"*IDN?", b"HELLO"), (b"SYST:ERR?", NOERR)], retries=0):
+            ...  # opening is the test
 
 
-def test_timeout_reconnects_and_retries_an_idempotent_query() -> None:
+@pytest.mark.parametrize("first", [None, b"3"])
+def test_another_protocol_revision_is_refused_before_anything_changes(first: bytes | None) -> None:
+    idn = b"EQPROP-HIL,ANALOG-EP-1,T0001,0.2.0"
+    script: Script = [(b"SYST:PROT?", first), (b"*IDN?", idn)]
+    if first is None:  # revision 1: SYST:PROT? is unknown there (silent, -113 queued), *IDN? answers first
+        script += [(b"SYST:ERR?", b'-113,"Undefined header"'), (b"SYST:ERR?", NOERR)]
+    with pytest.raises(ProtocolVersionError, match=f"revision {1 if first is None else 3}"):
+        with scripted(script, retries=0):
+            ...  # the script is the proof: nothing but queries was sent
+
+
+def test_timeout_reconnects_and_resends_the_same_bytes() -> None:
     script = init_script() + [
-        (b"PHAS?", None), (b"SYST:ERR?", None),  # silence, and the queue check is silent too: a link problem
-        (b"SYST:ERR?", NOERR), (b"PHAS?", b"FREE"),  # new connection: drain, then the retry
+        (T(1, b"PHAS?"), None),  # silence
+        (b"SYST:ERR?", NOERR), (T(1, b"PHAS?"), R(1, b"FREE")),  # new connection: drain, then the same bytes
     ]
     with scripted(script, timeout_s=0.3, retries=1) as board:
         assert board.phase == "FREE"
         assert board.stats["reconnects"] == 1 and board.stats["retries"] == 1
 
 
-def test_pulse_is_not_resent_after_a_timeout() -> None:
-    script = init_script() + [
-        (b"PULS:MATR 0,#14\x01\x01\x01\x01", None), (b"SYST:ERR?", None), (b"SYST:ERR?", None),
-        (b"SYST:ERR?", NOERR),  # after the reconnect; the pulse command is not sent again
-    ]
+def test_a_pulse_is_resent_with_the_same_request_id_after_a_timeout() -> None:
+    """At most once (spec 4.2): the resend carries the same id, so a board that ran it answers from its cache."""
+    pulse = T(1, b"PULS:MATR 0,", b"#14\x01\x01\x01\x01")
+    script = init_script() + [(pulse, None), (b"SYST:ERR?", NOERR), (pulse, R(1)), (T(2, b"PULS:LAST?"), R(2, b"4"))]
     with scripted(script, timeout_s=0.3, retries=3) as board:
-        with pytest.raises(LinkError, match="not resent"):
-            board.apply_pulses(0, np.ones((2, 2), np.int8))
-        assert board.stats["pulses_sent"] == 0
+        assert board.apply_pulses(0, np.ones((2, 2), np.int8)) == {"pulses": 4}
+        assert board.stats["pulses_sent"] == 4 and board.stats["reconnects"] == 1
 
 
 def test_close_leaves_hold_nudge_off_input_zero() -> None:
     script = init_script() + [
-        (b"PHAS HOLD", None), (b"SYST:ERR?", NOERR), (b"NUDG:OFF", None), (b"SYST:ERR?", NOERR),
-        (b"INP " + encode_block(np.zeros(2, np.float32)), None), (b"SYST:ERR?", NOERR),
+        (T(1, b"PHAS HOLD"), R(1)), (T(2, b"NUDG:OFF"), R(2)),
+        (T(3, b"INP ", encode_block(np.zeros(2, np.float32))), R(3)),
     ]
     with scripted(script) as board:
         board.close()
@@ -233,8 +298,8 @@ def test_close_leaves_hold_nudge_off_input_zero() -> None:
 
 
 def test_a_pair_left_unused_fails() -> None:
-    responder = ScriptedInstrument(init_script() + [(b"PHAS?", b"HOLD")])
-    board = AnalogBoard(responder.resource, timeout_s=2.0)
+    responder = ScriptedInstrument(init_script() + [(T(1, b"PHAS?"), R(1, b"HOLD"))])
+    board = AnalogBoard(responder.resource, timeout_s=2.0, integrity=False)
     try:
         with pytest.raises(AssertionError, match="left unused"):
             responder.check(wait_s=0.1)

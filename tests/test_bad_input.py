@@ -21,7 +21,7 @@ from eqprop_hil.protocols import fpga_messages as m
 from eqprop_hil.protocols.errors import EqpropError, ProtocolError
 from eqprop_hil.protocols.framing import DELIMITER, FrameReader, encode_frame
 from eqprop_hil.protocols.ieee_block import encode_block
-from tests.test_analog_transcript import NOERR, init_script, scripted
+from tests.test_analog_transcript import NOERR, R, T, init_script, scripted
 
 # ---------------------------------------------------------------------------------------------- analog replies
 # Each script ends where the driver must stop: the responder fails the test if anything else is sent.
@@ -33,17 +33,19 @@ from tests.test_analog_transcript import NOERR, init_script, scripted
     (encode_block(np.float32([0.5])), "expected 2"),
 ])
 def test_analog_blocks_with_infinities_or_wrong_sizes(reply: bytes, message: str) -> None:
-    script = init_script() + [(b"STAT? 2", reply), (b"SYST:ERR?", NOERR)]
+    script = init_script() + [(T(1, b"STAT? 2"), R(1, reply))]
     with scripted(script, retries=0, timeout_s=0.3) as board:
         with pytest.raises(ReplyError, match=message):
             board.read_state(2)
 
 
 @pytest.mark.parametrize("script,message", [
-    ([(b"*IDN?", b"EQPROP-HIL,ANALOG-EP-1,T0001,0.1.0"), (b"TOP:SIZ?", b"2,two,2"), (b"SYST:ERR?", NOERR)],
-     "not a list of integers"),
-    # a garbled error-queue entry: the driver reconnects once (draining the queue), then reports it
-    (init_script()[:-1] + [(b"SYST:ERR?", b"garbage"), (b"SYST:ERR?", NOERR)], "not an error-queue entry"),
+    (init_script()[:4] + [(b"TOP:SIZ?", b"2,two,2"), (b"SYST:ERR?", NOERR)], "not a list of integers"),
+    # a garbled instance id: the driver reconnects once (draining the queue), then reports it
+    (init_script()[:2] + [(b"SYST:INST?", b"garbage"), (b"SYST:ERR?", NOERR)], "16 hex digits"),
+    # a garbled error-queue entry while a revision 1 board is told apart
+    ([(b"SYST:PROT?", None), (b"*IDN?", b"EQPROP-HIL,ANALOG-EP-1,T0001,0.2.0"), (b"SYST:ERR?", b"garbage"),
+      (b"SYST:ERR?", NOERR)], "not an error-queue entry"),
 ])
 def test_analog_garbage_at_open(script: list, message: str) -> None:
     with pytest.raises(ReplyError, match=message):
@@ -52,7 +54,7 @@ def test_analog_garbage_at_open(script: list, message: str) -> None:
 
 
 def test_analog_description_that_is_not_json() -> None:
-    script = init_script() + [(b"SYST:DESC?", b"#15{oops")]
+    script = init_script() + [(T(1, b"SYST:DESC?"), R(1, b"#15{oops"))]
     with scripted(script, retries=0) as board:
         with pytest.raises(ReplyError, match="not UTF-8 JSON"):
             board.describe()

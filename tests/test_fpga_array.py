@@ -17,7 +17,7 @@ import serial
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from eqprop_hil.drivers.errors import DeviceRestarted, InstrumentError, LimitError, LinkError
+from eqprop_hil.drivers.errors import DeviceRestarted, InstanceChanged, InstrumentError, LimitError, LinkError
 from eqprop_hil.drivers.fpga_array import FpgaArray
 from eqprop_hil.drivers.fpga_link import (
     BadLengthError,
@@ -27,7 +27,7 @@ from eqprop_hil.drivers.fpga_link import (
     OutOfRangeError,
     UnknownOpcodeError,
 )
-from eqprop_hil.drivers.interface import NeuronArray, SampleRunner
+from eqprop_hil.drivers.interface import NeuronArray, SampleRunner, StepRunner
 from eqprop_hil.drivers.limits import Limits
 from eqprop_hil.mock_instruments.faults import FaultConfig, FaultInjector
 from eqprop_hil.mock_instruments.fpga_server import FpgaServer
@@ -87,11 +87,14 @@ def twin_of(array: FpgaArray, sizes: list[int] = SIZES) -> ArrayPhysics:
 
 def test_description_opcodes(rig: tuple[FpgaServer, FpgaArray]) -> None:
     server, array = rig
-    assert isinstance(array, NeuronArray) and isinstance(array, SampleRunner)
-    assert array.identity() == {"vendor": "EQPROP-HIL", "model": "FPGA-EP-1", "serial": "FPGA0001", "firmware": "0.1.0"}
+    assert isinstance(array, NeuronArray) and isinstance(array, SampleRunner) and isinstance(array, StepRunner)
+    instance = f"{server.device.instance:016x}"
+    assert array.identity() == {"vendor": "EQPROP-HIL", "model": "FPGA-EP-1", "serial": "FPGA0001", "firmware": "0.1.0",
+                                "protocol": 2, "instance": instance}
+    assert array.bound_instance == array.instance_id() == instance
     assert array.topology() == server.physics.topology()
     info = array.describe()
-    assert info["protocol"]["version"] == 1 and info["device"]["model"] == "ideal"
+    assert info["protocol"]["version"] == 2 and info["device"]["model"] == "ideal"
     counters = array.counters()
     assert counters["boot"] == 1 and counters["link_executed"] >= 3
     snap = array.snapshot()
@@ -209,8 +212,18 @@ def test_large_matrices_travel_in_row_chunks(transport: str) -> None:
 # ------------------------------------------------------------------------------------------ error statuses
 
 
-def _payload(opcode: Opcode, **fields: object) -> bytes:
-    return m.encode_request(opcode, **fields)
+def _payload(opcode: Opcode, fence: int = 0, **fields: object) -> bytes:
+    return m.encode_request(opcode, fence=fence, **fields)
+
+
+def _fenced(payload: bytes, fence: int) -> bytes:
+    """``payload`` (built at import time with fence 0) fenced for ``fence``."""
+    return m.FENCE.pack(fence) + payload[m.FENCE.size :] if len(payload) >= m.FENCE.size else payload
+
+
+def _nan_field(opcode: Opcode, value: float, **fields: object) -> bytes:
+    """A well-formed request whose LAST 4 bytes (a float32 field) hold ``value`` (NaN or infinity)."""
+    return _payload(opcode, **fields)[:-4] + np.float32(value).tobytes()
 
 
 ERRORS = [
@@ -245,6 +258,20 @@ ERRORS = [
      eta=np.zeros(2)), BadLengthError, Status.BAD_LENGTH, "eta holds 2"),
     ("beta zero", Opcode.TRAIN_SAMPLE, _payload(Opcode.TRAIN_SAMPLE, beta=0.0, t1=5, t2=5, volts=np.zeros(4),
      target=np.zeros(3)), OutOfRangeError, Status.OUT_OF_RANGE, "beta"),
+    # issue 10: a NaN or infinite float names the value problem (OUT_OF_RANGE), not the layout (BAD_LENGTH)
+    ("gain NaN", Opcode.SET_GAIN, _nan_field(Opcode.SET_GAIN, np.nan, edge=1, gain=0.5), OutOfRangeError,
+     Status.OUT_OF_RANGE, "field 'gain' holds nan"),
+    ("nudge current inf", Opcode.SET_NUDGE_CURRENT, _nan_field(Opcode.SET_NUDGE_CURRENT, np.inf, amperes=np.zeros(3)),
+     OutOfRangeError, Status.OUT_OF_RANGE, "field 'amperes' holds NaN or infinity: inf at index 2"),
+    ("scale -inf", Opcode.SET_SCALE, _nan_field(Opcode.SET_SCALE, -np.inf, edge=1, feedback=0, scale=1.0),
+     OutOfRangeError, Status.OUT_OF_RANGE, "field 'scale' holds -inf"),
+    ("STEP dense count", Opcode.STEP, _payload(Opcode.STEP, steps=1, updates=[{"edge": 1, "feedback": 0, "form": 0,
+     "counts": np.ones(5, dtype=np.int8)}]), BadLengthError, Status.BAD_LENGTH, "5 values, the board needs 18"),
+    ("STEP sparse index", Opcode.STEP, _payload(Opcode.STEP, steps=1, updates=[{"edge": 1, "feedback": 0, "form": 1,
+     "index": np.array([4, 2]), "counts": np.ones(2, dtype=np.int8)}]), OutOfRangeError, Status.OUT_OF_RANGE,
+     "strictly increasing"),
+    ("STEP steps", Opcode.STEP, _payload(Opcode.STEP, steps=1_000_001, updates=[]), OutOfRangeError,
+     Status.OUT_OF_RANGE, "1000001"),
 ]  # fmt: skip
 
 
@@ -255,7 +282,7 @@ def test_each_error_status_changes_nothing(
     server, array = rig
     before = server.physics.state_dict()
     with pytest.raises(error) as info:
-        array.link.transact(opcode, payload)
+        array.link.transact(opcode, _fenced(payload, array.link.fence))
     assert isinstance(info.value, (FpgaStatusError, InstrumentError))
     assert info.value.code == status and info.value.name == status.name
     assert text in str(info.value)
@@ -299,7 +326,7 @@ class RawClient:
         self.port.write(wire)
         return self.next_frame()
 
-    def call(self, seq: int, opcode: int, payload: bytes = b"") -> tuple[Status, int, bytes, bytes]:
+    def call(self, seq: int, opcode: int, payload: bytes = bytes(8)) -> tuple[Status, int, bytes, bytes]:
         wire = b"\x00" + encode_frame(seq, opcode, payload)
         frame = self.exchange(wire)
         assert frame.seq == seq and frame.opcode == (opcode | 0x80)
@@ -317,14 +344,20 @@ def raw(request: pytest.FixtureRequest) -> Iterator[tuple[FpgaServer, RawClient]
 
 def test_commands_wait_for_sync_after_boot(raw: tuple[FpgaServer, RawClient]) -> None:
     server, client = raw
+    old = server.device.instance
     server.power_cycle()
+    new = server.device.instance
+    assert new != old
     before = server.physics.state_dict()
-    status, boot, body, _ = client.call(40, Opcode.SET_PHASE, _payload(Opcode.SET_PHASE, phase=1))
+    # The old power-up's fence is refused first (precedence 6 before 7); the new one's waits for SYNC.
+    status, boot, body, _ = client.call(39, Opcode.SET_PHASE, _payload(Opcode.SET_PHASE, fence=old, phase=1))
+    assert status == Status.WRONG_INSTANCE and f"{old:016x}".encode() in body and f"{new:016x}".encode() in body
+    status, boot, body, _ = client.call(40, Opcode.SET_PHASE, _payload(Opcode.SET_PHASE, fence=new, phase=1))
     assert status == Status.NOT_SYNCED and boot == server.device.boot and b"SYNC" in body
     assert client.call(41, Opcode.IDENTIFY)[0] == Status.OK  # read-only commands are answered
     assert same(server.physics.state_dict(), before)
     assert client.call(42, Opcode.SYNC)[0] == Status.OK
-    assert client.call(43, Opcode.SET_PHASE, _payload(Opcode.SET_PHASE, phase=1))[0] == Status.OK
+    assert client.call(43, Opcode.SET_PHASE, _payload(Opcode.SET_PHASE, fence=new, phase=1))[0] == Status.OK
     assert server.physics.phase == "FREE"
 
 
@@ -332,19 +365,24 @@ def test_bad_crc_and_bad_version_are_answered_not_executed(raw: tuple[FpgaServer
     server, client = raw
     client.call(50, Opcode.SYNC)
     before = server.physics.state_dict()
-    frame = bytearray(encode_frame(51, Opcode.SET_PHASE, b"\x01"))
+    payload = _payload(Opcode.SET_PHASE, fence=server.device.instance, phase=2)
+    frame = bytearray(encode_frame(51, Opcode.SET_PHASE, payload))
     frame[-3] ^= 0x10  # CRC byte
     reply = client.exchange(b"\x00" + bytes(frame))
     assert (reply.seq, m.decode_envelope(reply.payload)[0]) == (51, Status.CRC_ERROR)
-    reply = client.exchange(b"\x00" + encode_frame(52, Opcode.SET_PHASE, b"\x01", version=2))
-    assert (reply.seq, m.decode_envelope(reply.payload)[0]) == (52, Status.BAD_VERSION)
+    reply = client.exchange(b"\x00" + encode_frame(52, Opcode.SET_PHASE, payload, version=1))
+    assert (reply.version, reply.seq, reply.opcode) == (2, 52, Opcode.SET_PHASE | 0x80)
+    env = m.split_envelope(reply.payload)
+    assert env.status == Status.BAD_VERSION and env.instance == server.device.instance
+    assert env.body == b"protocol version 1 not supported; this device speaks 2"
     assert same(server.physics.state_dict(), before)
 
 
 def test_a_retransmitted_command_is_answered_from_the_cache(raw: tuple[FpgaServer, RawClient]) -> None:
     server, client = raw
     client.call(60, Opcode.SYNC)
-    payload = _payload(Opcode.APPLY_PULSES, edge=1, feedback=0, row_start=0, n_rows=1, counts=np.full(6, 2))
+    payload = _payload(Opcode.APPLY_PULSES, fence=server.device.instance, edge=1, feedback=0, row_start=0, n_rows=1,
+                       counts=np.full(6, 2))  # fmt: skip
     weights = server.physics.read_weights(1)
     commands = server.physics.counters["pulse_commands"]
     first = client.call(61, Opcode.APPLY_PULSES, payload)
@@ -352,7 +390,8 @@ def test_a_retransmitted_command_is_answered_from_the_cache(raw: tuple[FpgaServe
     assert first == again and first[0] == Status.OK
     assert server.physics.counters["pulse_commands"] == commands + 1  # executed once
     assert server.counters["replayed"] >= 1
-    assert client.call(61, Opcode.APPLY_PULSES, payload.replace(b"\x02", b"\x01"))[0] == Status.OK  # new command
+    changed = payload[:-6] + payload[-6:].replace(b"\x02", b"\x01")
+    assert client.call(61, Opcode.APPLY_PULSES, changed)[0] == Status.OK  # new command
     assert server.physics.counters["pulse_commands"] == commands + 2
     np.testing.assert_allclose(server.physics.read_weights(1)[0] - weights[0], 3 * 0.001, rtol=1e-5)
 
@@ -362,8 +401,8 @@ def test_a_retransmitted_command_is_answered_from_the_cache(raw: tuple[FpgaServe
 def test_fuzzed_bytes_never_change_the_device(raw: tuple[FpgaServer, RawClient], data: st.DataObject) -> None:
     server, client = raw
     client.call(70, Opcode.SYNC)
-    valid = encode_frame(71, Opcode.APPLY_PULSES, _payload(Opcode.APPLY_PULSES, edge=1, feedback=0, row_start=0,
-                                                            n_rows=1, counts=np.full(6, 3)))  # fmt: skip
+    valid = encode_frame(71, Opcode.APPLY_PULSES, _payload(Opcode.APPLY_PULSES, fence=server.device.instance, edge=1,
+                                                            feedback=0, row_start=0, n_rows=1, counts=np.full(6, 3)))  # fmt: skip
     if data.draw(st.booleans()):
         garbage = data.draw(st.binary(max_size=300))
     else:
@@ -373,7 +412,7 @@ def test_fuzzed_bytes_never_change_the_device(raw: tuple[FpgaServer, RawClient],
         garbage = bytes(mutated)
         assume(garbage != valid)  # mutations that cancel out leave a valid command, which runs
     before = server.physics.state_dict()
-    client.port.write(b"\x00" + garbage + b"\x00" + encode_frame(72, Opcode.STATUS))
+    client.port.write(b"\x00" + garbage + b"\x00" + encode_frame(72, Opcode.STATUS, bytes(8)))
     # The read-only request after the garbage: once it is answered, the device has processed everything before it.
     for _ in range(1000):
         reply = client.next_frame()  # CRC_ERROR answers to the garbage may come first
@@ -441,37 +480,55 @@ def test_bounded_retries_end_in_link_error_with_nothing_applied(faults: FaultCon
         array.close()
 
 
-def test_power_cycle_raises_device_restarted_once(transport: str) -> None:
+def test_power_cycle_is_refused_by_the_fence_until_rebound(transport: str) -> None:
     with FpgaServer(make_physics(), transport=transport) as server, FpgaArray(server.resource) as array:
         array.set_input(np.array([0.5, 0.5, 0.5, 0.5]))
         array.set_phase("FREE")
         array.settle(10)
         weights = array.read_weights(1)
+        first = array.bound_instance
         server.power_cycle()
-        with pytest.raises(DeviceRestarted, match="boot counter 1 -> 2"):
-            array.settle(1)  # mutating: refused with NOT_SYNCED, so it did not run
-        assert array.stats["restarts"] == 1
-        assert all(not s.any() for s in array.read_state()[1:])  # states lost ...
-        np.testing.assert_array_equal(array.read_weights(1), weights)  # ... conductances kept
+        second = f"{server.device.instance:016x}"
+        steps = server.physics.counters["steps"]
+        with pytest.raises(InstanceChanged, match=f"bound to {first}, the board is now {second}") as info:
+            array.settle(1)  # fenced: refused by the board (WRONG_INSTANCE), so it did not run
+        assert (info.value.expected, info.value.actual) == (first, second)
+        assert isinstance(info.value, DeviceRestarted) and server.physics.counters["steps"] == steps
+        assert server.counters["wrong_instance"] == 1
+        with pytest.raises(InstanceChanged):
+            array.read_state()  # read-only, answered by another power-up: not the run's states
+        with pytest.raises(InstanceChanged):
+            array.settle(1)  # never rebinds by itself
+        assert array.bound_instance == first and array.instance_id() == second
+        assert array.identity()["instance"] == second
+        np.testing.assert_array_equal(server.physics.read_weights(1), weights)  # conductances kept
+        assert array.rebind_instance() == second == array.bound_instance
+        assert all(not s.any() for s in array.read_state()[1:])  # states lost
         assert array.status()["phase"] == "HOLD" and array.link.boot == 2
         server.power_cycle()
-        with pytest.raises(DeviceRestarted, match="2 -> 3"):
-            array.status()  # read-only: answered, but the boot counter changed
-        array.settle(1)  # re-synced
+        with pytest.raises(InstanceChanged, match=f"bound to {second}"):
+            array.status()  # read-only: answered, but by another instance
+        array.rebind_instance()
+        array.settle(1)
 
 
-def test_fault_power_cycles_are_each_reported() -> None:
+def test_fault_power_cycles_are_each_refused() -> None:
     with FpgaServer(make_physics(), faults=FaultConfig(seed=1, power_cycle_rate=0.2)) as server:
         array = FpgaArray(server.resource, retries=0)
-        restarts = 0
+        refused = executed = 0
         for _ in range(30):
+            phases = server.physics.counters["steps"]
             try:
-                array.set_phase("FREE")
-            except DeviceRestarted:
-                restarts += 1
+                array.settle(1)
+                executed += 1
+            except InstanceChanged:
+                refused += 1
+                assert server.physics.counters["steps"] == phases  # a refused settle did not run
+                array.rebind_instance()
         cycles = server.faults.counts["power_cycle"]
-        assert restarts > 0 and server.counters["boot"] == 1 + cycles
-        assert array.stats["restarts"] == cycles  # each reboot seen exactly once (during open: absorbed by sync)
+        assert refused > 0 and server.counters["boot"] == 1 + cycles
+        assert server.physics.counters["steps"] == executed  # every settle that ran was acknowledged
+        assert array.stats["instance_refusals"] >= refused  # (+ one absorbed while opening, if a cycle hit it)
         array.close()
 
 

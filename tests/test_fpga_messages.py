@@ -71,6 +71,14 @@ def test_int8_and_float32_codecs() -> None:
 V = np.array([0.5, -0.25, 1.0])
 W = np.float32([[0.1, -0.2], [0.3, 0.4]]).reshape(-1)
 
+# Every update form of STEP / APPLY_SPARSE (protocols/fpga_updates.py).
+UPDATES = [
+    {"edge": 0, "feedback": 0, "form": 0, "counts": np.array([-127, 0, 1, 127], dtype=np.int8)},
+    {"edge": 1, "feedback": 1, "form": 1, "index": np.array([0, 7, 65535]), "counts": np.array([3, -3, 1], dtype=np.int8)},
+    {"edge": 2, "feedback": 0, "form": 2, "index": np.array([5, 2**32 - 1]), "counts": np.array([-1, 2], dtype=np.int8)},
+    {"edge": 3, "feedback": 0, "form": 3, "bit_length": 255, "rows": np.array([-1.0, 0.5]), "cols": np.array([0.25])},
+]
+
 # Every opcode with every option: (opcode, request fields, response fields).
 CASES = [
     (Opcode.SYNC, {}, {"max_payload": 65535, "cache_depth": 16}),
@@ -110,10 +118,16 @@ CASES = [
     (Opcode.DESCRIBE, {}, {"description": {"device": {"model": "ideal"}, "dt": 1.0}}),
     (Opcode.COUNTERS, {}, {"counters": {"pulses": 12, "boot": 3}}),
     (Opcode.AUTH, {"token": "s3cret-token"}, {}),
+    *[(Opcode.STEP, {"steps": st_, "updates": ups}, {"pulses": 9, "states": V}) for st_ in (0, 1, 1_000_000)
+      for ups in ([], UPDATES)],
+    *[(Opcode.APPLY_SPARSE, {"updates": ups}, {"pulses": 9}) for ups in ([], UPDATES)],
 ]  # fmt: skip
 
 
 def _same(a: object, b: object) -> bool:
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(
+            x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x) for x, y in zip(a, b))
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         # float32 fields carry float32 precision; Q and integer fields are exact either way
         return np.array_equal(np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32))
@@ -144,7 +158,7 @@ def test_round_trip_request_and_response(opcode: Opcode, request_fields: dict, r
 @pytest.mark.parametrize("opcode,request_fields", [(c[0], c[1]) for c in CASES if c[1]], ids=lambda x: str(x)[:20])
 def test_truncated_and_padded_requests_are_refused(opcode: Opcode, request_fields: dict) -> None:
     payload = m.encode_request(opcode, **request_fields)
-    with pytest.raises(ProtocolError, match="ends inside field"):
+    with pytest.raises(ProtocolError, match="ends inside"):
         m.decode_request(opcode, payload[:-1] if payload[-1:] else payload[:0])
     with pytest.raises(ProtocolError, match="trailing byte"):
         m.decode_request(opcode, payload + b"\x00")
@@ -164,9 +178,16 @@ def test_encoders_name_the_field_at_fault() -> None:
 
 
 def test_decoders_refuse_non_finite_floats_and_bad_text() -> None:
-    nan_gain = m.encode_request(Opcode.SET_GAIN, edge=0, gain=0.0)[:1] + np.float32(np.nan).tobytes()
-    with pytest.raises(ProtocolError, match="finite float32"):
+    nan_gain = m.encode_request(Opcode.SET_GAIN, edge=0, gain=0.0)[:9] + np.float32(np.nan).tobytes()
+    with pytest.raises(ValueRangeError, match="field 'gain' holds nan; a finite float32"):  # OUT_OF_RANGE, not BAD_LENGTH
         m.decode_request(Opcode.SET_GAIN, nan_gain)
+    with pytest.raises(ProtocolError, match="trailing"):  # the layout is checked before the value
+        m.decode_request(Opcode.SET_GAIN, nan_gain + b"\x00")
+    inf_amps = m.encode_request(Opcode.SET_NUDGE_CURRENT, amperes=np.zeros(2))[:-4] + np.float32(np.inf).tobytes()
+    with pytest.raises(ValueRangeError, match="holds NaN or infinity: inf at index 1"):
+        m.decode_request(Opcode.SET_NUDGE_CURRENT, inf_amps)
+    with pytest.raises(ProtocolError, match="finite float32"):  # in a response it is the device's fault
+        m.decode_response(Opcode.GET_GAIN, np.float32(np.nan).tobytes())
     with pytest.raises(ProtocolError, match="not UTF-8"):
         m.decode_response(Opcode.IDENTIFY, b"\x02\xff\xfe" + b"\x00" * 3)
     with pytest.raises(ProtocolError, match="not JSON"):
@@ -175,13 +196,21 @@ def test_decoders_refuse_non_finite_floats_and_bad_text() -> None:
 
 def test_envelope_errors() -> None:
     with pytest.raises(ProtocolError, match="unknown status code 0x42"):
-        m.decode_envelope(b"\x42\x01\x00")
-    with pytest.raises(ProtocolError, match="lacks status and boot"):
-        m.decode_envelope(b"\x00\x01")
+        m.decode_envelope(b"\x42\x01\x00" + bytes(8))
+    with pytest.raises(ProtocolError, match="lacks the 11-byte envelope"):
+        m.decode_envelope(b"\x00\x01\x00")
+    env = m.split_envelope(m.encode_envelope(Status.WRONG_INSTANCE, 3, b"why", 0x0123456789ABCDEF))
+    assert env == (Status.WRONG_INSTANCE, 3, 0x0123456789ABCDEF, b"why")
+    assert m.instance_hex(env.instance) == "0123456789abcdef"
+    with pytest.raises(ProtocolError, match="lacks the 8-byte fence"):
+        m.decode_request(Opcode.SYNC, b"\x00" * 7)
+    assert m.request_fence(m.encode_request(Opcode.SETTLE, fence=2**64 - 1, steps=1)) == 2**64 - 1
+    with pytest.raises(ValueRangeError, match="fence"):
+        m.encode_request(Opcode.SYNC, fence=2**64)
 
 
 def test_row_chunks_of_a_784_wide_matrix_match_the_spec() -> None:
-    assert m.rows_per_chunk(784, 1, m.PULSE_FIXED) == 83
+    assert m.rows_per_chunk(784, 1, m.PULSE_FIXED) == 83  # (65535 - 14 - 2) // 784
     assert m.rows_per_chunk(784, 4, m.READ_FIXED) == 20
     assert m.rows_per_chunk(784, 4, m.PROGRAM_FIXED) == 20
     big = m.encode_request(Opcode.APPLY_PULSES, edge=0, feedback=0, row_start=0, n_rows=83,
@@ -198,6 +227,6 @@ def test_random_payloads_decode_or_raise_protocol_error(opcode: Opcode, payload:
     for decode in (m.decode_request, m.decode_response):
         try:
             fields = decode(opcode, payload)
-        except ProtocolError:
+        except (ProtocolError, ValueRangeError):  # layout (BAD_LENGTH) or a non-finite float (OUT_OF_RANGE)
             continue
         assert isinstance(fields, dict)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from eqprop_hil.protocols import fpga_messages as m
 from eqprop_hil.protocols.errors import FrameError, ValueRangeError
 from eqprop_hil.protocols.fpga_messages import Opcode, Status
+from eqprop_hil.protocols.fpga_updates import outer_update, pulse_update
 from eqprop_hil.protocols.framing import (
     MAX_ENCODED,
     MAX_PAYLOAD,
@@ -28,37 +29,59 @@ from eqprop_hil.protocols.framing import (
 SPEC = (Path(__file__).resolve().parents[1] / "protocols" / "fpga_serial.md").read_text()
 
 
-def _req(seq: int, op: Opcode, **fields: object) -> bytes:
-    return encode_frame(seq, op, m.encode_request(op, **fields))
+INSTANCE = 0x0123456789ABCDEF  # the golden frames' instance id (and fence)
+RESTARTED = 0xFEDCBA9876543210
 
 
-def _resp(seq: int, op: Opcode, status: Status, boot: int, body: bytes = b"", **fields: object) -> bytes:
+def _req(seq: int, op: Opcode, fence: int = INSTANCE, **fields: object) -> bytes:
+    return encode_frame(seq, op, m.encode_request(op, fence=fence, **fields))
+
+
+def _resp(seq: int, op: Opcode, status: Status, boot: int, body: bytes = b"", instance: int = INSTANCE,
+          **fields: object) -> bytes:
     if fields:
         body = m.encode_response(op, **fields)
-    return encode_frame(seq, op | m.RESPONSE_BIT, m.encode_envelope(status, boot, body))
+    return encode_frame(seq, op | m.RESPONSE_BIT, m.encode_envelope(status, boot, body, instance))
+
+
+def _step() -> bytes:
+    counts = np.zeros((3, 4), dtype=np.int8)
+    counts[0, 3], counts[2, 0] = 3, -2
+    updates = [pulse_update(0, False, counts), outer_update(1, False, np.array([0.5, -1.0]), np.array([1.0, 0.25, 0.0]), 8)]
+    return _req(0x0108, Opcode.STEP, steps=1, updates=updates)
 
 
 # (what, frame built by the codecs, hex printed in protocols/fpga_serial.md section 8)
 GOLDEN = [
-    ("SYNC request", lambda: _req(1, Opcode.SYNC), "03 01 01 01 01 01 03 e1 e1 00"),
+    ("SYNC request", lambda: _req(1, Opcode.SYNC, fence=0), "03 02 01 01 02 08 01 01 01 01 01 01 01 01 03 50 80 00"),
     ("SYNC response", lambda: _resp(1, Opcode.SYNC, Status.OK, 1, max_payload=65535, cache_depth=16),
-     "03 01 01 03 80 06 01 02 01 06 ff ff 10 14 40 00"),
-    ("SET_PHASE FREE", lambda: _req(0x0102, Opcode.SET_PHASE, phase=1), "06 01 02 01 05 01 04 01 f3 ea 00"),
-    ("SET_PHASE OK", lambda: _resp(0x0102, Opcode.SET_PHASE, Status.OK, 1), "06 01 02 01 85 03 01 02 01 03 8e 54 00"),
+     "03 02 01 03 80 0e 01 02 01 0e ef cd ab 89 67 45 23 01 ff ff 10 a0 fa 00"),
+    ("SET_PHASE FREE", lambda: _req(0x0102, Opcode.SET_PHASE, phase=1),
+     "06 02 02 01 05 09 0c ef cd ab 89 67 45 23 01 01 04 9e 00"),
+    ("SET_PHASE OK", lambda: _resp(0x0102, Opcode.SET_PHASE, Status.OK, 1),
+     "06 02 02 01 85 0b 01 02 01 0b ef cd ab 89 67 45 23 01 52 49 00"),
     ("SET_INPUT", lambda: _req(0x0103, Opcode.SET_INPUT, volts=np.array([0.5, -0.25, 1.0, 0.0])),
-     "06 01 03 01 04 0a 02 04 01 02 08 02 fc 02 10 01 03 8b 03 00"),
+     "06 02 03 01 04 12 0a ef cd ab 89 67 45 23 01 04 01 02 08 02 fc 02 10 01 03 5c ca 00"),
     ("APPLY_PULSES", lambda: _req(0x0104, Opcode.APPLY_PULSES, edge=1, feedback=0, row_start=0, n_rows=1,
                                   counts=np.array([3, -2, 0], dtype=np.int8)),
-     "06 01 04 01 10 0b 02 01 01 01 02 01 02 03 03 03 fe 03 1c 4c 00"),
+     "06 02 04 01 10 13 0a ef cd ab 89 67 45 23 01 01 01 01 02 01 02 03 03 03 fe 03 32 80 00"),
     ("APPLY_PULSES OK", lambda: _resp(0x0104, Opcode.APPLY_PULSES, Status.OK, 1, pulses=5),
-     "06 01 04 01 90 07 01 02 01 02 05 01 01 03 80 1e 00"),
-    ("SET_GAIN", lambda: _req(0x0105, Opcode.SET_GAIN, edge=7, gain=0.5), "06 01 05 01 09 05 02 07 01 01 04 3f a5 d3 00"),
+     "06 02 04 01 90 0f 01 02 01 0a ef cd ab 89 67 45 23 01 05 01 01 03 ab 61 00"),
     ("SET_GAIN OUT_OF_RANGE", lambda: _resp(0x0105, Opcode.SET_GAIN, Status.OUT_OF_RANGE, 1, b"edge 7 outside 0..2"),
-     "06 01 05 01 89 16 03 04 01 16 65 64 67 65 20 37 20 6f 75 74 73 69 64 65 20 30 2e 2e 32 a2 a7 00"),
-    ("NOT_SYNCED", lambda: _resp(0x0106, Opcode.SETTLE, Status.NOT_SYNCED, 2), "06 01 06 01 8d 03 03 08 02 03 70 89 00"),
-    ("READ_STATE", lambda: _req(0x0107, Opcode.READ_STATE, layer=2), "06 01 07 01 0e 01 04 02 9e 97 00"),
+     "06 02 05 01 89 1e 03 04 01 1e ef cd ab 89 67 45 23 01 65 64 67 65 20 37 20 6f 75 74 73 69 64 65 20 30 2e 2e 32 "
+     "a7 66 00"),
+    ("NOT_SYNCED", lambda: _resp(0x0106, Opcode.SETTLE, Status.NOT_SYNCED, 2, instance=RESTARTED),
+     "06 02 06 01 8d 0b 03 08 02 0b 10 32 54 76 98 ba dc fe 8c 50 00"),
+    ("WRONG_INSTANCE", lambda: _resp(0x0106, Opcode.SETTLE, Status.WRONG_INSTANCE, 2, b"fenced", instance=RESTARTED),
+     "06 02 06 01 8d 11 03 0b 02 11 10 32 54 76 98 ba dc fe 66 65 6e 63 65 64 fe 97 00"),
+    ("READ_STATE", lambda: _req(0x0107, Opcode.READ_STATE, layer=2), "06 02 07 01 0e 09 0c ef cd ab 89 67 45 23 01 02 ac 0e 00"),
     ("READ_STATE OK", lambda: _resp(0x0107, Opcode.READ_STATE, Status.OK, 1, states=np.array([0.5, 1.25, -0.125])),
-     "06 01 07 01 8e 0b 01 02 01 02 03 01 02 08 02 14 04 fe 56 8f 00"),
+     "06 02 07 01 8e 13 01 02 01 0a ef cd ab 89 67 45 23 01 03 01 02 08 02 14 04 fe ab b7 00"),
+    ("STEP", _step,
+     "06 02 08 01 1a 2a 0a ef cd ab 89 67 45 23 01 01 01 01 02 02 01 03 01 02 02 03 02 08 04 03 fe 01 04 03 08 02 01 02 "
+     "20 03 c0 03 01 02 40 02 10 01 03 ae 81 00"),
+    ("STEP OK", lambda: _resp(0x0108, Opcode.STEP, Status.OK, 1, pulses=9, states=np.array([0.5, 0.25, -0.125])),
+     "06 02 08 01 9a 17 01 02 01 0a ef cd ab 89 67 45 23 01 09 01 01 02 03 01 02 08 02 04 04 fe 9e b1 00"),
 ]  # fmt: skip
 
 
@@ -77,10 +100,36 @@ def test_golden_frames_match_the_spec(what: str, build, expected: str) -> None:
 
 
 def test_golden_set_input_decodes_to_the_values() -> None:
-    frame = decode_frame(bytes.fromhex("06 01 03 01 04 0a 02 04 01 02 08 02 fc 02 10 01 03 8b 03"))
-    assert (frame.seq, frame.opcode) == (0x0103, Opcode.SET_INPUT)
+    frame = decode_frame(bytes.fromhex("06 02 03 01 04 12 0a ef cd ab 89 67 45 23 01 04 01 02 08 02 fc 02 10 01 03 5c ca"))
+    assert (frame.version, frame.seq, frame.opcode) == (2, 0x0103, Opcode.SET_INPUT)
+    assert m.request_fence(frame.payload) == INSTANCE
     volts = m.decode_request(Opcode.SET_INPUT, frame.payload)["volts"]
     np.testing.assert_array_equal(volts, [0.5, -0.25, 1.0, 0.0])
+
+
+def test_golden_step_decodes_as_the_spec_describes_it() -> None:
+    frame = decode_frame(_step()[:-1])
+    raw = frame.payload[8:].hex(" ")
+    assert raw.startswith("01 00 00 00 02 00 00 01 02 00 03 00 08 00 03 fe 01 00 03 08 02 00 00 20 00 c0")
+    text = SPEC.replace("\n  ", " ")
+    for piece in ("01 00 00 00", "00 00 01 | 02 00 | 03 00 08 00 | 03 fe", "01 00 03 | 08 | 02 00 00 20 00 c0"):
+        assert piece in text
+    step = m.decode_request(Opcode.STEP, frame.payload)
+    assert step["steps"] == 1 and [u["form"] for u in step["updates"]] == [1, 3]
+    np.testing.assert_array_equal(step["updates"][0]["index"], [3, 8])
+
+
+def test_longest_frame_needs_259_code_bytes() -> None:
+    """65543 raw bytes without a zero: COBS adds 65543 // 254 + 1 = 259 code bytes (spec section 2)."""
+    payload = bytes([0x5A]) * MAX_PAYLOAD
+    frame = encode_frame(0x0101, 0x11, payload)
+    assert len(frame) - 1 == MAX_ENCODED == 65543 + 259 == 65802
+    assert "65802 bytes" in SPEC and "259" in SPEC
+    reader = FrameReader()
+    [decoded] = reader.feed(b"\x00" + frame)
+    assert isinstance(decoded, Frame) and decoded.payload == payload
+    [too_long] = reader.feed(b"\x01" * (MAX_ENCODED + 1) + b"\x00")
+    assert isinstance(too_long, FrameDecodeError) and too_long.fault == "oversized"
 
 
 @pytest.mark.parametrize("size", [0, 1, 253, 254, 255, 508, 4096, MAX_PAYLOAD])
@@ -102,7 +151,7 @@ def test_encode_refuses_what_the_header_cannot_hold() -> None:
         encode_frame(1, 256)
 
 
-def _raw(seq: int = 5, opcode: int = 3, payload: bytes = b"\x01\x02", version: int = 1, length: int | None = None) -> bytes:
+def _raw(seq: int = 5, opcode: int = 3, payload: bytes = b"\x01\x02", version: int = 2, length: int | None = None) -> bytes:
     body = bytes([version]) + seq.to_bytes(2, "little") + bytes([opcode])
     body += (len(payload) if length is None else length).to_bytes(2, "little") + payload
     return body + crc16(body).to_bytes(2, "big")
@@ -115,7 +164,7 @@ def _raw(seq: int = 5, opcode: int = 3, payload: bytes = b"\x01\x02", version: i
         (cobs.encode(b"\x01\x02\x03"), "short", "shorter than header"),
         (cobs.encode(_raw()[:-1] + b"\x00"), "crc", "CRC mismatch"),
         (cobs.encode(_raw(length=9)), "length", "announces 9 payload bytes, frame holds 2"),
-        (cobs.encode(_raw(version=2)), "version", "protocol version 2"),
+        (cobs.encode(_raw(version=1)), "version", "protocol version 1, this side speaks 2"),
         (b"\x01" * (MAX_ENCODED + 1), "oversized", "exceeds"),
     ],
 )

@@ -20,6 +20,8 @@ SPEC_TEXT = (Path(__file__).resolve().parents[1] / "protocols" / "analog_board.m
 
 def _value(param: Param) -> bytes:
     """A valid token for one parameter (inside its static range)."""
+    if param.kind == "block" and param.datatype == "B":
+        return b"#10"  # an empty bytes block (STEP? with no updates)
     if param.kind == "block":
         lo = param.lo if param.lo is not None else -0.5
         return encode_block([lo, 0], param.datatype)  # type: ignore[arg-type]
@@ -91,7 +93,8 @@ def test_typed_arguments() -> None:
         (b"EDGE:GAIN 0,1,2", -108),
         (b"EDGE:GAIN ON,1", -104),
         (b"EDGE:GAIN 0.5,1", -120),
-        (b"EDGE:GAIN 0,nan", -104),
+        (b"EDGE:GAIN 0,nan", -120), (b"EDGE:GAIN 0,NaN", -120), (b"EDGE:GAIN 0,-INF", -120),
+        (b"SETT Infinity", -120), (b"EDGE:GAIN 0,0.5V", -138), (b"SETT 10ms", -138), (b"SETT:TIME 1e-3s", -138),
         (b"EDGE:GAIN 0,1e999", -120),
         (b"EDGE:GAIN 0,1.5", -222),
         (b"EDGE:GAIN -1,0.5", -222),
