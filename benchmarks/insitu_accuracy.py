@@ -29,8 +29,8 @@ from pathlib import Path
 OUT = Path(__file__).parent / "out"
 PRESET = "digits-hw"
 INSTRUMENTS = {  # the preset's physics, on each emulator
-    "analog": "sim://analog?sizes=64,256,10&activation=sigmoid4&device=soft_bounds&seed={seed}&process=own",
-    "fpga": "sim://fpga?sizes=64,256,10&activation=sigmoid4&device=soft_bounds&seed={seed}&transport=pty&process=own",
+    "analog": "sim://analog?sizes=64,256,10&activation=sigmoid4&device=soft_bounds&seed={seed}",
+    "fpga": "sim://fpga?sizes=64,256,10&activation=sigmoid4&device=soft_bounds&seed={seed}&transport=pty",
 }
 
 
