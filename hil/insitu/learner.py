@@ -325,6 +325,18 @@ class InSituLearner:
         self.dev.settle(1)
         return self.dev.read_state()
 
+    def _compound(self, commands: list[dict], *, step: int) -> list[np.ndarray]:
+        """:meth:`_compound_once` for ``commands``; a matrix may appear once per compound step, so a second
+        command for it (outer mode's second rank-1 term) goes first on its own, also before the dynamics step."""
+        seen: set[tuple[int, bool]] = set()
+        first, extra = [], []
+        for c in commands:
+            key = (c["edge"], c["feedback"])
+            (extra if key in seen else first).append(c)
+            seen.add(key)
+        self._send(extra, step=step)
+        return self._compound_once(first, step=step)
+
     # ------------------------------------------------------------------ increments -> pulses (hil/insitu/pulses.py)
     def _commands(self, s: list[np.ndarray], s_new: list[np.ndarray], beta: float, step: int) -> list[dict]:
         feedback = [self.net.B[e] is not None for e in range(len(self.net.edges))]
@@ -351,7 +363,7 @@ class InSituLearner:
             self.counters["pulses_sent"] += pulses.pulses_of(ack)
             self.counters["pulse_commands"] += 1
 
-    def _compound(self, commands: list[dict], *, step: int) -> list[np.ndarray]:
+    def _compound_once(self, commands: list[dict], *, step: int) -> list[np.ndarray]:
         """One compound step (journaled as one pulse command): apply ``commands``, run one step in the current
         phase, return every layer's state. An executed step whose answer was lost (the counter settled it) has
         states nobody read: the sample is redone from its start, its pulses undone first."""
