@@ -203,31 +203,37 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("hil").setLevel(logging.WARNING)
     torch.set_num_threads(1)  # batch-1 tensors: a second thread only adds synchronisation (tests/conftest.py)
 
-    results: dict[str, dict] = {}
+    # (key, instrument label, mode label, how to measure it); every repeat runs each configuration once, in this
+    # order, so that each round's ratios to the software engine at batch 1 see the same load (shared machines)
+    configs: list[tuple[str, str, str, Any]] = [
+        ("software b1", "software", "batch 1", lambda d: measure_software(args.samples, 1, d)),
+        ("software b20", "software", "batch 20", lambda d: measure_software(args.samples, 20, d)),
+    ]
+    for target, base_url in TARGETS.items():
+        for where in processes:
+            for mode in modes:
+                url = f"{base_url}&process={where}"
+                configs.append((f"{target} ({where}) {mode}", f"{target} ({where})", mode,
+                                lambda d, url=url, mode=mode: measure_instrument(url, mode, args.samples, d)))
+    runs: dict[str, list[dict]] = {key: [] for key, *_ in configs}
     with tempfile.TemporaryDirectory(prefix="hil-bench-") as tmp:
         k = 0
-        for label, batch in (("software b20", 20), ("software b1", 1)):
-            reps = []
-            for _ in range(args.repeats):
+        for rep in range(args.repeats):
+            for key, _, _, measure in configs:
                 k += 1
-                reps.append(measure_software(args.samples, batch, Path(tmp) / f"run{k}"))
-            results[label] = {"instrument": "software", "mode": f"batch {reps[0]['batch_size']}", **summarise(reps)}
-        for target, base_url in TARGETS.items():
-            for where in processes:
-                url = f"{base_url}&process={where}"
-                label = f"{target} ({where})"
-                for mode in modes:
-                    reps = []
-                    for _ in range(args.repeats):
-                        k += 1
-                        reps.append(measure_instrument(url, mode, args.samples, Path(tmp) / f"run{k}"))
-                    results[f"{label} {mode}"] = {"instrument": label, "mode": mode, "url": url, **summarise(reps)}
-                    print(f"  measured {label} {mode}: {results[f'{label} {mode}']['samples_per_s']:.1f} samples/s",
-                          file=sys.stderr, flush=True)
+                r = measure(Path(tmp) / f"run{k}")
+                runs[key].append(r)  # software b1 comes first in every round
+                r["ratio_to_software_b1"] = r["samples_per_s"] / runs["software b1"][rep]["samples_per_s"]
+                print(f"  round {rep + 1}: {key}: {r['samples_per_s']:.1f} samples/s "
+                      f"({r['ratio_to_software_b1']:.2f}x software b1)", file=sys.stderr, flush=True)
+    results: dict[str, dict] = {}
+    for key, inst, mode, _ in configs:
+        extra = {"url": f"{TARGETS[inst.split(' ')[0]]}&process={inst.split('(')[1][:-1]}"} if inst != "software" else {}
+        results[key] = {"instrument": inst, "mode": mode, **extra, **summarise(runs[key])}
 
-    columns = ["instrument", "mode", "samples/s", "link ms", "ctrl ms", "ctrl us/step", "journal ms", "B sent",
+    columns = ["instrument", "mode", "samples/s", "x sw b1", "link ms", "ctrl ms", "ctrl us/step", "journal ms", "B sent",
                "B recv", "RT", "pulse cmds", "pulses"]
-    rows = [[r["instrument"], r["mode"], r["samples_per_s"], r["link_ms_per_sample"], r["controller_ms_per_sample"],
+    rows = [[r["instrument"], r["mode"], r["samples_per_s"], r["ratio_to_software_b1"], r["link_ms_per_sample"], r["controller_ms_per_sample"],
              r["controller_us_per_nudged_step"], r.get("journal_ms_per_sample", 0.0),
              r.get("bytes_sent_per_sample", 0.0), r.get("bytes_received_per_sample", 0.0),
              r.get("round_trips_per_sample", 0.0), r.get("pulse_commands_per_sample", 0.0),
@@ -237,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"median of {args.repeats} run(s)", columns, rows,
         notes=[
             "samples/s: training samples per second of the real loop (eqprop_hil.train.train), evaluation excluded",
+            "x sw b1: samples/s over the software engine's at batch 1 in the same round, median over the rounds",
             "link ms: per sample, wall time blocked in driver calls (transport + emulator physics), milliseconds",
             "ctrl ms: per sample, train_batch time minus link ms: the controller's own work, milliseconds;",
             "  ctrl us/step: the same per nudged step (divided by t2 = 10), microseconds",
