@@ -66,6 +66,10 @@ def _fault_counts(server) -> dict[str, int]:
 
 
 def _executed(server) -> int:
+    """The board's own count of executed pulse commands (what PULS:COUN? / COUNTERS report): a compound step
+    applies several matrices as ONE pulse command, so the analog physics' per-matrix count is not it."""
+    if isinstance(server, AnalogServer):
+        return int(server.counters["pulse_commands"])
     c = server.physics.counters
     return int(c.get("pulse_commands", 0)) + int(c.get("outer_commands", 0))
 
