@@ -61,6 +61,7 @@ data_limit = 40
 epochs = 2
 batch_size = 1
 checkpoint_every = 10
+lr_final = 1.0  # constant rates: the last samples send pulse commands for the hooks to hit
 """
 N_TRAIN, EPOCHS, FIRST_CHECKPOINT = 40, 2, 10
 START_TIMEOUT_S = 30.0  # an emulator process prints its resource line within this

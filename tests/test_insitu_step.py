@@ -88,7 +88,9 @@ def test_compound_steps_follow_the_piecewise_path_in_a_third_of_the_round_trips(
         assert np.max(np.abs(w1 - wp)) < 3 * math.sqrt(steps) * q
     assert one["round_trips"] <= T2 + 13 and one["round_trips"] * 2 < piece["round_trips"]
     begun = [r for r in one["journal"] if r["state"] == "pending"]
-    assert begun and all(r["mode"] == "step" and r["steps"] == 1 and r["updates"] for r in begun)
+    assert begun and all(r["mode"] == "step" and r["steps"] in (0, 1) and r["updates"] for r in begun)
+    # a sample's last pulses go with no step of the dynamics (in HOLD), one such command per sample at most
+    assert 0 < sum(r["steps"] == 0 for r in begun) <= SAMPLES
     done = [r for r in one["journal"] if r["state"] == "done"]
     assert len(done) == len(begun) == one["counters"]["pulse_commands"]
     # the board counted each compound step as ONE pulse command: its counter matches the journal exactly

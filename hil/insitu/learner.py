@@ -294,8 +294,8 @@ class InSituLearner:
 
     def _sample_compound(self, x: np.ndarray, y: np.ndarray, beta: float) -> np.ndarray:
         """:meth:`_sample` with compound steps: nudged step t sends step t-1's pulses, runs one step and reads
-        every state in one round trip. The last step's pulses go in HOLD (nothing moves); the next sample's
-        ``reset`` (and the driver's ``close``) turns the nudge off."""
+        every state in one round trip. The last step's pulses go in HOLD with no step of the dynamics; the next
+        sample's ``reset`` (and the driver's ``close``) turns the nudge off."""
         a = self.dev
         self._drive(x)
         s = s_free = a.read_state()
@@ -313,8 +313,8 @@ class InSituLearner:
         if self.rule.name == "ep":
             pending = self._ep_commands(s_free, s, beta)
         a.set_phase("HOLD")
-        if pending:
-            self._compound(pending, step=self.rule.t2 - 1 if self.rule.name != "ep" else self.rule.t2)
+        if pending:  # the last step's pulses, and no step of the dynamics
+            self._compound(pending, step=self.rule.t2 - 1 if self.rule.name != "ep" else self.rule.t2, steps=0)
         return s_free[-1]
 
     def _advance(self, pending: list[dict], *, step: int) -> list[np.ndarray]:
@@ -325,7 +325,7 @@ class InSituLearner:
         self.dev.settle(1)
         return self.dev.read_state()
 
-    def _compound(self, commands: list[dict], *, step: int) -> list[np.ndarray]:
+    def _compound(self, commands: list[dict], *, step: int, steps: int = 1) -> list[np.ndarray]:
         """:meth:`_compound_once` for ``commands``; a matrix may appear once per compound step, so a second
         command for it (outer mode's second rank-1 term) goes first on its own, also before the dynamics step."""
         seen: set[tuple[int, bool]] = set()
@@ -335,7 +335,7 @@ class InSituLearner:
             (extra if key in seen else first).append(c)
             seen.add(key)
         self._send(extra, step=step)
-        return self._compound_once(first, step=step)
+        return self._compound_once(first, step=step, steps=steps)
 
     # ------------------------------------------------------------------ increments -> pulses (hil/insitu/pulses.py)
     def _commands(self, s: list[np.ndarray], s_new: list[np.ndarray], beta: float, step: int) -> list[dict]:
@@ -363,19 +363,19 @@ class InSituLearner:
             self.counters["pulses_sent"] += pulses.pulses_of(ack)
             self.counters["pulse_commands"] += 1
 
-    def _compound_once(self, commands: list[dict], *, step: int) -> list[np.ndarray]:
-        """One compound step (journaled as one pulse command): apply ``commands``, run one step in the current
-        phase, return every layer's state. An executed step whose answer was lost (the counter settled it) has
+    def _compound_once(self, commands: list[dict], *, step: int, steps: int = 1) -> list[np.ndarray]:
+        """One compound step (journaled as one pulse command): apply ``commands``, run ``steps`` steps in the
+        current phase, return every layer's state. An executed step whose answer was lost (the counter settled it) has
         states nobody read: the sample is redone from its start, its pulses undone first."""
         entry = {"sample": self.samples_seen, "step": step, "edge": commands[0]["edge"],
-                 **pulses.step_entry(commands, 1), "executed_before": self.guard.expected}
+                 **pulses.step_entry(commands, steps), "executed_before": self.guard.expected}
         [jid] = self.journal.begin_many([entry])
         crash = self._crash_at is not None and any(self._crash_at == (self.samples_seen, step, c["edge"])
                                                    for c in commands)
         states: list[list[np.ndarray]] = []
 
         def fire() -> dict:
-            res, s = self.array.step([pulses.as_update(c) for c in commands], 1)
+            res, s = self.array.step([pulses.as_update(c) for c in commands], steps)
             states[:] = [s]
             if crash:  # the test hook: sent and acknowledged, not yet marked done in the journal
                 os.kill(os.getpid(), signal.SIGKILL)
