@@ -38,8 +38,8 @@ from eqprop_hil.mock_instruments.devices import DeviceConfig
 SIZES = [64, 16, 10]
 SAMPLES = 30
 TIMEOUT_S = 0.15  # short, so that dropped replies cost little; delayed replies wait longer than this
-RATES = {"corrupt": 0.01, "drop": 0.005, "truncate": 0.005, "delay": 0.005, "close": 0.005, "busy": 0.01,
-         "power_cycle": 0.004, "corrupt_request": 0.01}
+RATES = {"corrupt": 0.01, "drop": 0.005, "truncate": 0.01, "delay": 0.005, "close": 0.005, "busy": 0.01,
+         "power_cycle": 0.01, "corrupt_request": 0.01}  # compound steps: a third of the messages per sample
 RESULTS: list[dict] = []
 
 

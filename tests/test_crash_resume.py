@@ -56,6 +56,7 @@ sizes = [64, 16, 10]
 [rule]
 t1 = 15
 t2 = 4
+lr = [0.0168, 0.0084]
 [train]
 data_limit = 40
 epochs = 2
@@ -253,12 +254,12 @@ def test_sigkill_at_random_points_then_resume_ends_like_a_straight_run(emulators
     # (kind, parameter) in order; hooks are resolved when their turn comes (they depend on where the run is)
     plan = [
         ("hook", (1, FIRST_CHECKPOINT - 2, True)),  # before any checkpoint
-        ("journal", rng.randint(30, 200)),
+        ("journal", rng.randint(15, 100)),  # lines: a compound step journals one command per nudged step
         ("hook", (FIRST_CHECKPOINT, N_TRAIN - 2, True)),
         ("eval", rng.randint(1, 8)),
         ("stdout", "epoch"),
         ("hook", (N_TRAIN + 1, 2 * N_TRAIN - 12, False)),
-        ("journal", rng.randint(10, 150)),
+        ("journal", rng.randint(5, 75)),
         ("hook", (N_TRAIN + 1, 2 * N_TRAIN - 2, True)),
     ]
     log, done = [], False
