@@ -86,7 +86,7 @@ def test_compound_steps_follow_the_piecewise_path_in_a_third_of_the_round_trips(
         # both round the same increments with the same draws; states differ by float32 round-off (and the
         # nudge: the board's own target mode against the host's currents), so a device may round the other way
         assert np.max(np.abs(w1 - wp)) < 3 * math.sqrt(steps) * q
-    assert one["round_trips"] <= T2 + 13 and one["round_trips"] * 2 < piece["round_trips"]
+    assert one["round_trips"] <= T2 + 8 and one["round_trips"] * 2 < piece["round_trips"]
     begun = [r for r in one["journal"] if r["state"] == "pending"]
     assert begun and all(r["mode"] == "step" and r["steps"] in (0, 1) and r["updates"] for r in begun)
     # a sample's last pulses go with no step of the dynamics (in HOLD), one such command per sample at most

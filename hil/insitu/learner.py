@@ -294,10 +294,14 @@ class InSituLearner:
 
     def _sample_compound(self, x: np.ndarray, y: np.ndarray, beta: float) -> np.ndarray:
         """:meth:`_sample` with compound steps: nudged step t sends step t-1's pulses, runs one step and reads
-        every state in one round trip. The last step's pulses go in HOLD with no step of the dynamics; the next
-        sample's ``reset`` (and the driver's ``close``) turns the nudge off."""
+        every state in one round trip. The last step's pulses go with no step of the dynamics. Nothing moves
+        between commands: the next sample's reset (``infer`` starts with one), an evaluation's, or the driver's
+        ``close`` leaves NUDGE and turns the nudge off."""
         a = self.dev
-        self._drive(x)
+        if self._runner:  # reset, clamp, t1 free steps in one round trip; the states stay for the read
+            a.infer(x * self.cfg.instrument.input_volts, self.rule.t1)
+        else:
+            self._drive(x)
         s = s_free = a.read_state()
         target = self._target_nudge(beta)
         if target:
@@ -312,7 +316,6 @@ class InSituLearner:
             s = s_new
         if self.rule.name == "ep":
             pending = self._ep_commands(s_free, s, beta)
-        a.set_phase("HOLD")
         if pending:  # the last step's pulses, and no step of the dynamics
             self._compound(pending, step=self.rule.t2 - 1 if self.rule.name != "ep" else self.rule.t2, steps=0)
         return s_free[-1]
