@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py [--dataset digits mnist5k] [--rules ep cep cvf fre bp] [--seeds 0 1 2]
                                   [--epochs N] [--workers 2] [--quick] [--out benchmarks/out]
+                                  [--address HOST:PORT] [--sweep-dir DIR] [--one-by-one]
 
 Why: the issue's claim is that EP, C-EP, C-VF (psi = 45 degrees) and FRE-RNN each learn as well as exact gradients
 would on the same architecture. The figure judged is the MEDIAN over seeds of the LAST-EPOCH test accuracy (the best
@@ -14,8 +15,13 @@ Settings per data set (the rates are the presets', so the benchmark measures wha
 - mnist5k: the same presets with sizes 784-256-10 and 30 epochs by default; C-EP and C-VF use the paper's own
   C-EP-1h / C-VF-1h rates (1x): REFERENCE.md section 9 found that the safe C-EP rate shrinks as the input grows
   (784 inputs: 4x already collapses), so the digits presets' 2-3x would measure a known instability.
-Each (rule, seed) is one worker process with one torch thread, at most ``--workers`` at a time. The data split is
-seeded by the run's seed, so every rule sees the same split as the backprop run of the same seed.
+Each (rule, seed) is one trial of a sweep (``eqprop_hil.cluster``, the engine of ``hil sweep``): an ordinary run with
+one torch thread, on a local Ray with ``--workers`` CPUs (at most that many at a time) or on the cluster at
+``--address``. ``--sweep-dir DIR`` keeps the trials' run directories and ``results.jsonl`` there (the same command
+again continues an interrupted benchmark); ``--one-by-one`` (or ``--workers 1``) runs the trials in this process,
+one after another, without Ray (the baseline of the speed-up figure; also what happens when Ray is not
+installed). The data split is seeded by the run's seed, so every rule sees the same split as the backprop run of
+the same seed.
 Writes OUT/accuracy.json (one entry per data set, merged with what is there) and OUT/accuracy.png.
 """
 
@@ -27,6 +33,7 @@ import contextlib
 import io
 import json
 import multiprocessing
+import shutil
 import statistics
 import sys
 import tempfile
@@ -232,13 +239,67 @@ def _job(rule: str, preset: str, overrides: dict) -> dict:
     return {"rule": rule} | train_one(preset, overrides)
 
 
+def run_sweep_jobs(jobs: list[tuple], workers: int, address: str | None, sweep_dir: Path | None) -> list[dict] | None:
+    """Every (rule, preset, overrides) job as one trial of a sweep on Ray; results in job order, in the shape of
+    :func:`train_one` (plus ``rule``). None when Ray is not installed (the caller runs the jobs itself)."""
+    try:
+        from eqprop_hil.cluster.runtime import require_ray
+        from eqprop_hil.cluster.sweep import check_trial, run_trials
+        from eqprop_hil.cluster.trial import trial_spec
+
+        require_ray()
+    except Exception as e:  # noqa: BLE001  (ImportError or ClusterError: Ray is an optional extra)
+        print(f"{e}\nrunning the trials in this process, one after another", flush=True)
+        return None
+    out = sweep_dir if sweep_dir is not None else Path(tempfile.mkdtemp(prefix="accuracy-sweep-"))
+    try:
+        return _sweep(jobs, workers, address, out, run_trials, check_trial, trial_spec)
+    finally:
+        if sweep_dir is None:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _sweep(jobs: list[tuple], workers: int, address: str | None, out: Path, run_trials, check_trial,
+           trial_spec) -> list[dict]:
+    from eqprop_hil.config import resolve
+    from eqprop_hil.runs.rundir import RunDir
+    from eqprop_hil.train import prepare_data
+
+    trials = []
+    for rule, preset, ov in jobs:
+        name = f"{rule}-seed{ov['train']['seed']}"
+        trials.append(check_trial(trial_spec(name, out / "runs" / name, preset=preset, overrides=ov,
+                                             swept={"rule": rule})))
+    outcome = run_trials(trials, out, keys=["rule"], address=address, num_cpus=None if address else workers,
+                         max_concurrent=workers if address else None)
+    if outcome.failed or outcome.unfinished:
+        raise SystemExit(f"{len(outcome.failed)} trial(s) failed, {len(outcome.unfinished)} unfinished; see "
+                         f"{out / 'results.jsonl'} (run the same command with --sweep-dir {out} to continue)")
+    data = prepare_data(resolve(jobs[0][1], None, jobs[0][2]))
+    results = []
+    for (rule, preset, ov), row in zip(jobs, outcome.rows):
+        curve = [m["test_accuracy"] for m in RunDir.open(row["run_dir"]).read_metrics() if "test_accuracy" in m]
+        results.append({
+            "rule": rule, "preset": preset, "overrides": ov, "seed": row["seed"], "epochs": row["epochs"],
+            "last_epoch_accuracy": row["test_accuracy"], "best_epoch_accuracy": row["best_test_accuracy"],
+            "test_accuracy_curve": [round(a, 4) for a in curve], "seconds": row["wall_s"],
+            "n_train": data.n_train, "n_test": data.n_test,
+        })
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", nargs="+", default=["digits"], choices=sorted(DATASETS))
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="default: 100 (digits presets), 30 (mnist5k)")
-    parser.add_argument("--workers", type=int, default=2, help="parallel worker processes (1: in this process)")
+    parser.add_argument("--workers", type=int, default=2, help="trials at a time (the local Ray's CPUs); 1: one by "
+                                                               "one in this process, without Ray")
+    parser.add_argument("--address", help="run the trials on this Ray cluster instead of a local Ray")
+    parser.add_argument("--sweep-dir", type=Path, default=None, help="keep the sweep's runs and results.jsonl here "
+                                                                     "(default: a temporary folder)")
+    parser.add_argument("--one-by-one", action="store_true", help="no Ray: the trials in this process, in turn")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epochs on {QUICK_LIMIT} samples")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of accuracy.json and accuracy.png")
     parser.add_argument("--raw", type=Path, default=None, help="also write every run's learning curve here (JSON)")
@@ -248,9 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     for ds in args.dataset:
         jobs = [(rule, PRESETS[rule], overrides_for(rule, ds, seed, args.epochs, args.quick))
                 for rule in args.rules for seed in args.seeds]
-        print(f"{ds}: {len(jobs)} runs, {args.workers} at a time", flush=True)
+        one_by_one = args.one_by_one or (args.workers <= 1 and not args.address)
+        print(f"{ds}: {len(jobs)} runs, {1 if one_by_one else args.workers} at a time", flush=True)
         t0 = time.perf_counter()
-        results = run_jobs(_job, jobs, args.workers, _label)
+        sweep_dir = args.sweep_dir / ds if args.sweep_dir is not None else None
+        results = None if one_by_one else run_sweep_jobs(jobs, args.workers, args.address, sweep_dir)
+        if results is None:
+            one_by_one, results = True, run_jobs(_job, jobs, 1, _label)
         if args.raw is not None:
             args.raw.parent.mkdir(parents=True, exist_ok=True)
             args.raw.with_name(f"{args.raw.stem}-{ds}{args.raw.suffix}").write_text(json.dumps(results), encoding="utf-8")
@@ -268,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             "figure": "median over seeds of the last-epoch test accuracy (fraction)",
             "tolerance_points": TOLERANCE_POINTS,
             "wall_seconds": round(time.perf_counter() - t0, 1),
+            "executed": "one by one in one process" if one_by_one else (
+                f"sweep on the Ray cluster {args.address}" if args.address
+                else f"sweep on a local Ray, {args.workers} CPUs"),
             "rules": summary,
         }
         print(table(summary, f"{ds} {'-'.join(map(str, DATASETS[ds]['sizes']))}, {update[ds]['epochs_label']}, "

@@ -332,7 +332,8 @@ class FpgaLink:
             self.stats["bytes_received"] += len(data)
             deadline = time.monotonic() + self.timeout_s
             corrupt = None
-            for item in self._reader.feed(data):
+            items = self._reader.feed(data)
+            for index, item in enumerate(items):
                 if isinstance(item, FrameDecodeError) and item.fault == "version" and item.seq == seq:
                     raise ProtocolVersionError(
                         f"{self.port} answered {opcode.name} in protocol version {item.version}; this driver speaks "
@@ -345,6 +346,9 @@ class FpgaLink:
                 elif item.seq == seq and item.opcode == want:
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("<- %s seq=%d %s", opcode.name, seq, item.payload[:_LOG_BYTES].hex(" "))
+                    # Frames that came after it in the same read cannot answer this request nor the next one
+                    # (not sent yet): stale duplicates, dropped here.
+                    self.stats["stale_frames"] += sum(not isinstance(x, FrameDecodeError) for x in items[index + 1 :])
                     return item, ""
                 else:
                     self.stats["stale_frames"] += 1

@@ -1,10 +1,16 @@
-"""The VISA layer of a SCPI instrument: locked transactions, error-queue draining, reconnect-and-retry.
+"""The VISA layer of the analog board: locked transactions, tagged request/reply, reconnect-and-resend.
 
 PyVISA's layers (bytes -> terminated text -> typed values -> query) plus what lab users ask of a driver: every
-transaction holds the instrument's lock, is logged at DEBUG and counted in ``stats``; after a set command the
-error queue is drained and its entries raised as :class:`InstrumentError`; a timeout or a lost link reconnects,
-and only idempotent transactions are retried (bounded). A query the instrument refused sends no reply
-(IEEE 488.2), so after a silent query the error queue is asked before the link is blamed.
+transaction holds the instrument's lock, is logged at DEBUG and counted in ``stats``. Two kinds of exchange:
+
+- untagged, plain SCPI (:meth:`VisaLink.ask`, :meth:`VisaLink.collect_errors`, :meth:`VisaLink.run`): only while
+  opening a connection (revision, identity, instance, topology) and right after a reconnect, on a connection
+  that carries no stale bytes; a query the instrument refused sends no reply (IEEE 488.2), so after a silent
+  query the error queue is asked before the link is blamed;
+- tagged (:meth:`VisaLink.transact`, protocols/analog_board.md section 4): every other message, fenced with the
+  bound instance and numbered with a request id; its reply carries the tag, so replies to other requests are
+  discarded, and after any anomaly the same bytes are resent on a new connection: the board's duplicate cache
+  answers a repeat without running it again.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ from eqprop_hil.drivers.errors import AccessDenied, InstanceChanged, InstrumentE
 from eqprop_hil.drivers.timeouts import visa_ms
 from eqprop_hil.protocols import ieee_block
 from eqprop_hil.protocols.auth import AUTH_REFUSED_LINE, TOKEN_ENV, auth_query
-from eqprop_hil.protocols.errors import BlockError, ScpiError
+from eqprop_hil.protocols.errors import ScpiError
 from eqprop_hil.protocols.scpi import parse_error_entry
 from eqprop_hil.protocols.scpi_integrity import (
     INTEGRITY_ERROR, REPLY_PREFIX_BYTES, IntegrityError, crc32, decode_reply, encode_request,
 )
 from eqprop_hil.protocols.scpi_tags import (
-    ID_MODULUS, INSTANCE_MISMATCH, REPLY_PREFIX, TAG_CHARS, TagError, make_tag, parse_tag, tagged,
+    ID_MODULUS, INSTANCE_MISMATCH, REPLY_PREFIX, REQUEST_CONFLICT, REQUEST_STALE, TAG_CHARS, TagError, make_tag,
+    parse_tag, tagged,
 )
 
 log = logging.getLogger(__name__)
@@ -55,7 +62,7 @@ class VisaLink:
         self.instance: str | None = None  # the instance every tagged message is fenced with (spec 4.2)
         self.next_id = 0  # request id of the next tagged message
         self._unsettled: tuple[int, int] | None = None  # (digest, request id) of a message whose fate is unknown
-        self.stats.update(dict.fromkeys(("resent_same_id", "stale_replies"), 0))
+        self.stats.update(dict.fromkeys(("resent_same_id", "stale_replies", "id_resyncs"), 0))
         try:
             self._rm = pyvisa.ResourceManager(backend)
         except (OSError, ValueError) as e:
@@ -259,44 +266,6 @@ class VisaLink:
             reply = self._verified(reply.encode("ascii")).decode("ascii")
         return reply
 
-    def _read_crc_block(self) -> bytes:
-        """Read ``#H<crc>,`` + one definite-length block + LF byte by byte counts (a block may hold 0x0A) and
-        return the verified block (header included)."""
-        head = bytes(self.res.read_bytes(13))  # '#H' 8 hex ',' '#' <n>
-        n = head[12:13]
-        if head[11:12] != b"#" or not n.isdigit() or n == b"0":
-            raise ReplyError(f"expected '#H<crc>,#<n>' before a block, got {head!r}")
-        digits = bytes(self.res.read_bytes(int(n)))
-        if not digits.isdigit() or int(digits) > ieee_block.MAX_BLOCK_BYTES:
-            raise ReplyError(f"block length must be {int(n)} ASCII digits, got {digits!r}")
-        rest = bytes(self.res.read_bytes(int(digits) + 1))
-        if rest[-1:] != b"\n":
-            raise ReplyError(f"block reply not terminated by LF: ...{rest[-8:]!r}")
-        self.stats["round_trips"] += 1
-        self.stats["bytes_received"] += len(head) + len(digits) + len(rest)
-        return self._verified(head + digits + rest[:-1])
-
-    def read_block(self, count: int, datatype: str = "f") -> np.ndarray:
-        if self.crc:
-            try:
-                values = ieee_block.decode_block(self._read_crc_block(), datatype)  # type: ignore[arg-type]
-            except BlockError as e:
-                raise ReplyError(f"malformed binary block: {e}") from e
-        else:
-            try:
-                values = self.res.read_binary_values(datatype=datatype, is_big_endian=False, container=np.ndarray)
-            except (ValueError, visa_errors.InvalidBinaryFormat) as e:
-                raise ReplyError(f"malformed binary block: {e}") from e
-            self.stats["round_trips"] += 1
-            nbytes = values.size * values.itemsize
-            self.stats["bytes_received"] += nbytes + 3 + len(str(nbytes))
-        log.debug("<- <block %d x %s>", values.size, datatype)
-        if values.size != count:
-            raise ReplyError(f"block holds {values.size} elements, expected {count}")
-        if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
-            raise ReplyError(f"block contains NaN or infinity: {values[~np.isfinite(values)][:4]}")
-        return np.array(values, dtype=np.float32 if datatype == "f" else values.dtype)
-
     def ask(self, command: str) -> str:
         self.write(command)
         return self.read()
@@ -322,51 +291,6 @@ class VisaLink:
             more = f" (+{len(entries) - 1} more: {entries[1:]})" if len(entries) > 1 else ""
             raise InstrumentError(code, message + more, command)
 
-    def query(self, command: str) -> str:
-        return self.run(lambda: self.ask(command), what=command)
-
-    def set(self, command: str, block: np.ndarray | None = None, datatype: str = "f", *, idempotent: bool = True,
-             opc: bool = False) -> None:
-        """Write, wait for ``*OPC?`` if asked, then drain the error queue (entries raise InstrumentError)."""
-
-        def operation() -> None:
-            self.write(command, block, datatype)
-            if opc:
-                self.write("*OPC?")
-                reply = self.read()
-                if reply != "1":
-                    raise ReplyError(f"*OPC? after {command!r} answered {reply!r}, expected 1")
-            self.check(command)
-
-        self.run(operation, idempotent=idempotent, what=command)
-
-    def query_block(self, command: str, count: int, block: np.ndarray | None = None, *,
-                     idempotent: bool = True) -> np.ndarray:
-        def operation() -> np.ndarray:
-            self.write(command, block)
-            return self.read_block(count)
-
-        return self.run(operation, idempotent=idempotent, what=command)
-
-    def query_bytes(self, command: str) -> bytes:
-        """A query answered by a block of raw bytes (e.g. UTF-8 JSON)."""
-
-        def operation() -> bytes:
-            self.write(command)
-            try:
-                if self.crc:
-                    raw = ieee_block.split_block(self._read_crc_block())[0]
-                else:
-                    raw = self.res.read_binary_values(datatype="B", container=bytes)
-                    self.stats["round_trips"] += 1
-                    self.stats["bytes_received"] += len(raw) + 3 + len(str(len(raw)))
-            except (ValueError, visa_errors.InvalidBinaryFormat) as e:  # BlockError is a ValueError
-                raise ReplyError(f"malformed block after {command!r}: {e}") from e
-            log.debug("<- <block of %d bytes> %r", len(raw), bytes(raw[:80]))
-            return bytes(raw)
-
-        return self.run(operation, what=command)
-
     # ------------------------------------------------------------------------------------------ tagged (protocol 2)
     def transact(self, text: str, block: np.ndarray | bytes | None = None, datatype: str = "f", *,
                  expect: str = "none") -> bytes:
@@ -390,12 +314,12 @@ class VisaLink:
         with self.lock:
             if self.res is None:
                 raise LinkError(f"{text.split(' ')[0]}: the link to {self.resource_name} is closed")
-            if self._unsettled is not None and self._unsettled[0] == digest:
-                rid = self._unsettled[1]  # the same command again after a failure: same id, at most once
+            fresh = not (self._unsettled is not None and self._unsettled[0] == digest)
+            if not fresh:
+                rid = self._unsettled[1]  # type: ignore[index]  # the same command after a failure: same id
                 self.stats["resent_same_id"] += 1
             else:
-                rid = self.next_id
-                self.next_id = (self.next_id + 1) % ID_MODULUS
+                rid = self._allocate()
             message = tagged(text.encode("ascii"), self.instance, rid)
             wire = encode_request(message, payload) if self.crc else message + payload
             what = text.strip()[:40]
@@ -422,6 +346,15 @@ class VisaLink:
                     if code == INTEGRITY_ERROR:
                         self.stats["integrity_refused"] += 1
                     continue
+                if code in (REQUEST_CONFLICT, REQUEST_STALE) and fresh and attempt < self.retries:
+                    # another controller moved the board's id space on; this message never ran anywhere (spec
+                    # 4.2), so it may go again with an id after the board's newest
+                    self.next_id = (int(self.ask("SYST:REQ:LAST?")) + 1) % ID_MODULUS
+                    rid = self._allocate()
+                    message = tagged(text.encode("ascii"), self.instance, rid)
+                    wire = encode_request(message, payload) if self.crc else message + payload
+                    self.stats["id_resyncs"] += 1
+                    continue
                 self._unsettled = None
                 if code == 0:
                     return body
@@ -439,6 +372,11 @@ class VisaLink:
                 raise InstrumentError(code, message_text, what)
         raise LinkError(f"{what}: unreachable")  # the loop returns or raises
 
+    def _allocate(self) -> int:
+        rid = self.next_id
+        self.next_id = (self.next_id + 1) % ID_MODULUS
+        return rid
+
     def _read_tagged(self, tag: bytes, expect: str) -> tuple[int, bytes]:
         """Read replies until the one carrying ``tag``; others (stale, duplicated) are read whole and dropped."""
         for _ in range(64):
@@ -452,7 +390,8 @@ class VisaLink:
     def _read_one_tagged(self, expect: str, tag: bytes) -> tuple[bytes, int, bytes]:
         """One tagged reply: (its tag, status code, body). A reply of another request is read generically."""
         lead = REPLY_PREFIX_BYTES if self.crc else 0
-        head = bytes(self.res.read_bytes(lead + REPLY_PREFIX))
+        head = bytes(self.res.read_bytes(lead + REPLY_PREFIX + 2))  # every reply has a status byte and one more
+        head, early = head[:-2], head[-2:]
         got = head[lead : lead + TAG_CHARS]
         if head[lead + TAG_CHARS :] != b"," or got[:1] != b'"':
             raise ReplyError(f"expected a tagged reply '\"<tag>\",', got {head!r}")
@@ -461,8 +400,10 @@ class VisaLink:
         except ScpiError as e:
             raise ReplyError(f"malformed reply tag {got!r}") from e
         status = bytearray()
+        pending = bytearray(early)
         while True:  # the status code, up to ',' or LF
-            byte = bytes(self.res.read_bytes(1))
+            byte = bytes(pending[:1]) if pending else bytes(self.res.read_bytes(1))
+            del pending[:1]
             if byte in (b",", b"\n"):
                 break
             status += byte
@@ -470,7 +411,9 @@ class VisaLink:
                 raise ReplyError(f"reply status too long: {bytes(status)!r}")
         rest = b""
         if byte == b",":
-            rest = self._read_body(expect if (got == tag and status == b"0") else "any")
+            rest = self._read_body(expect if (got == tag and status == b"0") else "any", bytes(pending))
+        elif pending:
+            raise ReplyError(f"reply continues after its LF: {bytes(pending)!r}")
         raw = head + bytes(status) + (b"," + rest if byte == b"," else b"")
         self.stats["round_trips"] += 1
         self.stats["bytes_received"] += len(raw) + 1
@@ -487,9 +430,9 @@ class VisaLink:
         log.debug("<- %s %d %r", got.decode("ascii", "replace"), code, rest[:60])
         return got, code, rest
 
-    def _read_block_bytes(self) -> bytes:
+    def _read_block_bytes(self, n: bytes = b"") -> bytes:
         """A definite-length block whose '#' was just read: the header digits and payload, returned with '#'."""
-        n = bytes(self.res.read_bytes(1))
+        n = n or bytes(self.res.read_bytes(1))
         if not n.isdigit() or n == b"0":
             raise ReplyError(f"bad block header digit {n!r}")
         digits = bytes(self.res.read_bytes(int(n)))
@@ -497,21 +440,23 @@ class VisaLink:
             raise ReplyError(f"block length must be {int(n)} ASCII digits, got {digits!r}")
         return b"#" + n + digits + bytes(self.res.read_bytes(int(digits)))
 
-    def _read_body(self, expect: str) -> bytes:
-        """The body after the status's ',', through the LF (not returned)."""
+    def _read_body(self, expect: str, early: bytes = b"") -> bytes:
+        """The body after the status's ',', through the LF (not returned); ``early``: its first byte if read."""
         if expect == "block":
-            first = bytes(self.res.read_bytes(1))
-            if first == b"#":
-                block = self._read_block_bytes()
+            first = (early + bytes(self.res.read_bytes(2 - len(early)))) if len(early) < 2 else early
+            if first[:1] == b"#":
+                block = self._read_block_bytes(first[1:2])
                 if bytes(self.res.read_bytes(1)) != b"\n":
                     raise ReplyError("block reply not terminated by LF")
                 return block
             return first + self._read_line()
         if expect in ("none", "text"):
-            return self._read_line()
+            return early + self._read_line() if early != b"\n" else b""
         out, quote = bytearray(), False  # generic: text with blocks after ',' (STEP?, or a reply to discard)
+        pending = bytearray(early)
         while True:
-            byte = bytes(self.res.read_bytes(1))
+            byte = bytes(pending[:1]) if pending else bytes(self.res.read_bytes(1))
+            del pending[:1]
             if byte == b"\n":
                 return bytes(out)
             if byte == b'"':

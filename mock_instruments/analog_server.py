@@ -29,6 +29,7 @@ import selectors
 import socket
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from eqprop_hil.mock_instruments.analog_firmware import AnalogFirmware
@@ -49,6 +50,7 @@ MAX_PENDING = 8  # connections waiting to authenticate; the oldest is dropped be
 AUTH_TIMEOUT_S = 5.0  # an unauthenticated connection is closed this long after it opened
 MESSAGE_TIMEOUT_S = 2.0  # an incomplete message is abandoned this long after its last byte (spec 1.3)
 MAX_OUTPUT_BYTES = 1 << 20  # unsent replies per connection before it is closed
+_TURN = 16  # messages of one client executed before the next client gets its turn (no client stalls another)
 _FIRST_MESSAGE_LIMIT = 1024  # bytes an unauthenticated connection may send before its first LF
 _AUTH_QUERY = re.compile(rb"^\s*:?SYST(?:EM)?:AUTH(?:ENTICATE)?\?", re.IGNORECASE)
 
@@ -65,6 +67,7 @@ class _Client:
         self.opened = self.last_rx = self.last_active = time.monotonic()
         self.received = 0
         self.close_after_send = False
+        self.items: deque = deque()  # complete messages (or scanner errors) waiting for their turn
 
 
 class AnalogServer:
@@ -189,7 +192,8 @@ class AnalogServer:
         self._sel.register(self._listener, selectors.EVENT_READ, None)
         try:
             while not self._stop.is_set():
-                for key, events in self._sel.select(_POLL_S):
+                busy = any(c.items for c in self._clients.values())
+                for key, events in self._sel.select(0 if busy else _POLL_S):
                     if key.data is None:
                         self._accept()
                         continue
@@ -198,8 +202,11 @@ class AnalogServer:
                         continue
                     if events & selectors.EVENT_WRITE:
                         self._flush(client)
-                    if events & selectors.EVENT_READ and client.sock in self._clients:
-                        self._receive(client)
+                    if events & selectors.EVENT_READ and client.sock in self._clients and not client.items:
+                        self._receive(client)  # a client with messages still waiting is not read: back-pressure
+                for client in [c for c in self._clients.values() if c.items]:  # round robin, _TURN each
+                    batch = [client.items.popleft() for _ in range(min(_TURN, len(client.items)))]
+                    self._answer(client, batch)
                 self._timeouts()
                 if self._drop_all.is_set():
                     self._dropped_last = len(self._clients)
@@ -252,11 +259,13 @@ class AnalogServer:
             if not client.authenticated and now - client.opened > self.auth_timeout_s:
                 self._net["dropped_idle"] += 1
                 self._drop(client, "did not authenticate in time")
+            elif client.items:
+                client.last_rx = now  # not read while its messages wait: their silence is the board's doing
             elif client.scanner.pending and now - client.last_rx > self.message_timeout_s:
                 self._net["message_timeouts"] += 1
                 error = client.scanner.expire()
                 if error is not None and client.authenticated:
-                    self._answer(client, [error])
+                    client.items.append(error)
 
     def _receive(self, client: _Client) -> None:
         try:
@@ -277,7 +286,7 @@ class AnalogServer:
             items = self._authenticate(client, items)
             if items is None:
                 return
-        self._answer(client, items)
+        client.items.extend(items)
 
     def _authenticate(self, client: _Client, items: list) -> list | None:
         """The first message of a connection to a board with a token: the messages after it once the token is

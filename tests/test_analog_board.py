@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from eqprop_hil.drivers.analog_board import AnalogBoard
 from eqprop_hil.drivers.errors import InstrumentError, LimitError, LinkError
-from eqprop_hil.drivers.interface import NeuronArray, SampleRunner
+from eqprop_hil.drivers.interface import Fenced, NeuronArray, SampleRunner, StepRunner
 from eqprop_hil.drivers.limits import Limits
 from eqprop_hil.drivers.scpi_property import declared_properties
 from eqprop_hil.mock_instruments.analog_server import AnalogServer
@@ -253,8 +253,11 @@ def test_random_and_mutated_lines_over_tcp(server: AnalogServer, visa, line: byt
 
 # ------------------------------------------------------------------------------------------------ driver
 def test_driver_implements_the_interfaces(board: AnalogBoard) -> None:
-    assert isinstance(board, NeuronArray) and isinstance(board, SampleRunner)
-    assert board.identity()["serial"] == "SIM0001"
+    assert isinstance(board, NeuronArray) and isinstance(board, SampleRunner) and isinstance(board, StepRunner)
+    assert isinstance(board, Fenced)
+    identity = board.identity()
+    assert identity["serial"] == "SIM0001" and identity["protocol"] == 2
+    assert identity["instance"] == board.bound_instance == board.instance_id() and len(identity["instance"]) == 16
     assert board.topology() == {"sizes": SIZES, "edges": [(0, 1), (1, 2), (0, 2)], "feedback": "untied",
                                 "activation": "sigmoid4"}
 
@@ -454,3 +457,42 @@ def test_faults_busy_refuses_and_power_cycle_keeps_weights() -> None:
         assert int(ask(res, b"*ESR?")) & 0x80  # power-on bit
         np.testing.assert_array_equal(ask_block(res, b"WEIG? 0").reshape(4, 3), weights)  # conductances kept
         res.close()
+
+
+def test_two_controllers_share_the_boards_request_ids(server: AnalogServer) -> None:
+    """Spec 4.2: the id space is the board's; a fresh message refused as stale (another controller's ids moved
+    on) never ran, so the driver renumbers it after the board's newest id and sends it again."""
+    with AnalogBoard(server.resource, timeout_s=3.0) as a, AnalogBoard(server.resource, timeout_s=3.0) as b:
+        for i in range(5):
+            a.set_feedback_gain(1, 0.1 * i)
+            assert b.feedback_gain(1) == pytest.approx(0.1 * i)
+            assert b.apply_pulses(0, np.ones((4, 3), np.int8)) == {"pulses": 12}
+            assert len(a.read_state()) == 3
+        assert a.stats["id_resyncs"] + b.stats["id_resyncs"] > 0
+        assert server.counters["pulse_commands"] == 5 and a.pulse_commands_executed == 5
+
+
+def test_step_checks_every_update_before_sending_anything(server: AnalogServer) -> None:
+    """All or none on the host side too: one update over the limits and nothing is sent (issue 11)."""
+    with AnalogBoard(server.resource, timeout_s=3.0, limits=Limits(max_pulses_per_device=3, pulse_budget=40)) as b:
+        good = {"edge": 0, "counts": np.ones((4, 3), np.int8)}
+        sent = b.stats["bytes_sent"]
+        for bad, error in (
+            ({"edge": 1, "counts": np.full((2, 4), 5, np.int8)}, LimitError),  # above max_pulses_per_device
+            ({"edge": 1, "counts": np.ones((4, 2), np.int8)}, ValueRangeError),  # wrong shape
+            ({"edge": 1, "rows": np.ones(2), "cols": np.full(4, 2.0), "bit_length": 4}, LimitError),  # |p| > 1
+            ({"edge": 1, "rows": np.ones(2), "cols": np.ones(4), "bit_length": 0}, LimitError),
+            ({"edge": 7, "counts": np.ones((2, 4), np.int8)}, ValueRangeError),
+            ({"edge": 1, "feedback": True, "counts": np.ones((4, 2), np.int8), "rows": np.ones(4)}, ValueRangeError),
+        ):
+            with pytest.raises(error):
+                b.step([good, {"edge": 2, "counts": np.ones((2, 3), np.int8)}, bad], 1)
+        with pytest.raises(LimitError, match="budget"):  # 12 + 24 + 18 pulses: over the budget of 40
+            b.step([good, {"edge": 1, "counts": np.full((2, 4), 3, np.int8)},
+                    {"edge": 2, "counts": np.full((2, 3), 3, np.int8)}], 1)
+        with pytest.raises(ValueRangeError, match="twice"):
+            b.step([good, good], 1)
+        assert b.stats["bytes_sent"] == sent and server.counters["pulse_commands"] == 0
+        result, states = b.step([good, {"edge": 1, "feedback": True, "counts": np.eye(4, 2, dtype=np.int8)}], 3)
+        assert result == {"pulses": 14} and [s.shape for s in states] == [(3,), (4,), (2,)]
+        assert server.counters["pulse_commands"] == 1 and b.pulse_commands_executed == 1

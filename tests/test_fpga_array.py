@@ -200,12 +200,19 @@ def test_large_matrices_travel_in_row_chunks(transport: str) -> None:
         np.testing.assert_array_equal(array.read_weights(0), target)
         twin = twin_of(array, sizes)
         counts = np.zeros((512, 784), dtype=np.int8)
-        counts[100:110] = 3  # rows of chunk 1 only (83 rows per chunk)
+        counts[100:190] = 1  # mostly non-zero rows of chunks 1 and 2 (83 rows per chunk): dense is smaller
         counts[500, 7] = -2  # chunk 6
-        trips = array.stats["round_trips"]
-        assert array.apply_pulses(0, counts)["pulses"] == 10 * 784 * 3 + 2
-        assert array.stats["round_trips"] - trips == 2  # all-zero chunks are not sent
+        trips, sent = array.stats["round_trips"], array.stats["bytes_sent"]
+        assert array.apply_pulses(0, counts)["pulses"] == 90 * 784 + 2
+        assert array.stats["round_trips"] - trips == 3  # all-zero chunks are not sent
         twin.apply_pulses(0, counts)
+        sparse = np.zeros((512, 784), dtype=np.int8)
+        sparse[100:110] = 3  # 7841 of 401408 devices: one APPLY_SPARSE (5 bytes per pulse) beats 2 dense chunks
+        sparse[500, 7] = -2
+        trips, sent = array.stats["round_trips"], array.stats["bytes_sent"]
+        assert array.apply_pulses(0, sparse)["pulses"] == 10 * 784 * 3 + 2
+        assert array.stats["round_trips"] - trips == 1 and array.stats["bytes_sent"] - sent < 7841 * 5 + 200
+        twin.apply_pulses(0, sparse)
         np.testing.assert_allclose(array.read_weights(0), twin.read_weights(0), rtol=0, atol=1e-6)
 
 

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("eqprop_hil.cli.calibrate", "measure an instrument's devices, converters and settling"),
     "report": ("eqprop_hil.cli.report", "summarise a run directory and write its plots"),
     "monitor": ("eqprop_hil.cli.monitor", "show a run's live telemetry stream in the terminal"),
+    "sweep": ("eqprop_hil.cli.sweep", "run a grid / random search of trials (seeds included) on Ray, with a summary"),
 }
 
 

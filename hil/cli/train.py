@@ -26,6 +26,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", metavar="DIR", help="where the run records go (default runs/<time>-<preset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run exactly where it stopped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
+    p.add_argument("--cluster", metavar="ADDRESS", help="run on a Ray cluster (HOST:PORT or auto; see docs/cluster.md)")
+    p.add_argument("--bench", metavar="NAME", help="with --cluster: run on the host holding bench NAME, queued while busy")
 
 
 def overrides(args: argparse.Namespace) -> dict:
@@ -52,6 +54,10 @@ def overrides(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from eqprop_hil.session import run_training
 
+    if args.cluster or args.bench:
+        from eqprop_hil.cluster.submit import submit_from_args
+
+        return submit_from_args(args, overrides(args))
     if args.resume:
         run_dir = RunDir.open(args.resume)
         cfg = configuration.build(configuration.merge(run_dir.read_config(), overrides(args)))
