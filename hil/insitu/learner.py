@@ -368,8 +368,9 @@ class InSituLearner:
 
     def _compound_once(self, commands: list[dict], *, step: int, steps: int = 1) -> list[np.ndarray]:
         """One compound step (journaled as one pulse command): apply ``commands``, run ``steps`` steps in the
-        current phase, return every layer's state. An executed step whose answer was lost (the counter settled it) has
-        states nobody read: the sample is redone from its start, its pulses undone first."""
+        current phase, return every layer's state. An executed step whose answer was lost (the counter settled
+        it) has states nobody read: the sample is redone from its start, its pulses undone first."""
+        # "edge": the first update's, as journal readers (and the crash hook) address commands by (sample, step, edge)
         entry = {"sample": self.samples_seen, "step": step, "edge": commands[0]["edge"],
                  **pulses.step_entry(commands, steps), "executed_before": self.guard.expected}
         [jid] = self.journal.begin_many([entry])
