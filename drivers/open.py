@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from importlib.metadata import entry_points
 from typing import Any
 
-from eqprop_hil.drivers.errors import DriverError
+from eqprop_hil.drivers.errors import DriverError, LinkError
 from eqprop_hil.drivers.interface import NeuronArray
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,54 @@ SERIAL_SCHEMES = ("socket", "loop", "rfc2217", "spy", "hwgrep", "alt", "cp2110")
 
 class ResourceError(DriverError, ValueError):
     """A resource string that names no driver and no registered scheme; the message lists what would work."""
+
+
+class InstrumentUnreachable(LinkError):
+    """Nothing accepted a connection at the resource's address: the instrument was never connected."""
+
+
+class NotAnInstrument(DriverError):
+    """Something answered at the resource's address, but not in this project's protocol (e.g. a web server)."""
+
+
+_TCPIP_SOCKET = re.compile(r"^TCPIP\d*::([^:]+|\[[^\]]+\])::(\d+)::SOCKET$", re.IGNORECASE)
+
+
+def probe_tcpip_socket(resource: str, timeout_s: float = 2.0) -> None:
+    """Before a driver (with its retries and reconnects) is built on ``TCPIP::host::port::SOCKET``: connect once
+    and ask ``*IDN?``, so an address that refuses, or a port that speaks another protocol, gives one clear error.
+
+    An eqprop-hil board answers ``EQPROP-HIL,...`` or, when it requires a token, its ``-203`` refusal line;
+    silence within ``timeout_s`` is left for the driver to judge. Raises InstrumentUnreachable or NotAnInstrument.
+    """
+    match = _TCPIP_SOCKET.match(resource)
+    if match is None:
+        return
+    host, port = match.group(1).strip("[]"), int(match.group(2))
+    try:
+        conn = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError as e:
+        raise InstrumentUnreachable(
+            f"cannot connect to {resource}: {e.strerror or e} (never connected); check that the instrument is on, "
+            f"that {host} is its address and {port} its SCPI port, or start an emulator: hil mock analog") from e
+    try:
+        with conn:
+            conn.sendall(b"*IDN?\n")
+            reply = b""
+            while b"\n" not in reply and len(reply) < 256:
+                chunk = conn.recv(256)
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError:  # silence or a reset: the driver's own open decides (and reports) what it is
+        return
+    line = reply.split(b"\n", 1)[0].strip()
+    if not reply or line.upper().startswith(b"EQPROP-HIL,") or line.startswith(b"-203,"):
+        return
+    what = "a web server (HTTP)" if line.upper().startswith(b"HTTP/") or b"<html" in reply.lower() else "something else"
+    raise NotAnInstrument(
+        f"{resource} is not an eqprop-hil instrument: it answered *IDN? with {line[:80]!r}, which looks like {what}; "
+        "check the port (an eqprop-hil board answers 'EQPROP-HIL,ANALOG-EP-1,...')")
 
 
 def driver_kind(resource: str) -> str:
@@ -99,6 +148,8 @@ def open_array(resource: str, **driver_kwargs: Any) -> NeuronArray:
 def _open_driver(kind: str, resource: str, kwargs: dict[str, Any]) -> NeuronArray:
     if kind == "analog":
         from eqprop_hil.drivers.analog_board import AnalogBoard
+
+        probe_tcpip_socket(resource, float(kwargs.get("timeout_s") or 2.0))
 
         return AnalogBoard(resource, **kwargs)
     from eqprop_hil.drivers.fpga_array import FpgaArray

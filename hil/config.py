@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -38,17 +39,28 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 20
     seed: int = 0
-    device: str = "cpu"  # torch device of the software engine
+    device: str = "cpu"  # torch device of the software engine: "cpu", "cuda" or "cuda:N"
+    # torch intra-op threads, set once when a run starts (0 = torch's default, one per core). Default 1: at batch 20
+    # an operation is microseconds of work, and splitting it over threads only adds barriers; on a busy 2-core
+    # machine 2 threads ran 2-5x slower than 1 (issue 12). Raise it for large batches or a dedicated machine.
+    threads: int = 1
     checkpoint_every: int = 0  # also checkpoint every N training samples within an epoch (0 = at epoch ends only)
     # Learning-rate schedule: the rates of the last epoch as a fraction of rule.lr, linear per epoch in between
     # (1 = constant). Per-sample (batch 1) updates are noisy; decaying them lets the last epoch settle.
     lr_final: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.data_limit < 0:
-            raise ValueRangeError(f"train.epochs and train.batch_size must be >= 1, data_limit >= 0: {self}")
+        for key, value, least in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
+                                  ("data_limit", self.data_limit, 0), ("checkpoint_every", self.checkpoint_every, 0)):
+            if value < least:
+                raise ConfigError(f"train.{key} = {value}: must be >= {least}"
+                                  + (" (0 = the whole data set)" if key == "data_limit" else ""))
+        if self.threads < 0:
+            raise ConfigError(f"train.threads = {self.threads}: must be >= 0 (0 = one per core)")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device = {self.device!r}: must be 'cpu', 'cuda' or 'cuda:N'")
         if not 0.0 <= self.lr_final <= 1.0:
-            raise ValueRangeError(f"train.lr_final = {self.lr_final!r}: a fraction of the rates, in [0, 1]")
+            raise ConfigError(f"train.lr_final = {self.lr_final!r}: a fraction of the rates, in [0, 1]")
 
     def rate_scale(self, epoch: int) -> float:
         """The factor on every learning rate during ``epoch`` (0-based): 1 at the first, ``lr_final`` at the last."""
@@ -119,8 +131,21 @@ class InstrumentConfig:
 
 @dataclass
 class TelemetryConfig:
+    """Live documents; TOML table ``[telemetry]``. Secrets stay in files (or the environment), never in here."""
+
     address: str = ""  # e.g. tcp://127.0.0.1:5556; empty = no telemetry
-    every_samples: int = 200  # an event document every N training samples
+    every_samples: int = 200  # a "primary" event document every N training samples
+    curve_secret_key_file: str = ""  # a zmq.auth .key_secret certificate: CURVE-encrypts both telemetry sockets
+    token_file: str = ""  # a file holding the snapshot token (default: $EQPROP_HIL_TELEMETRY_TOKEN, else none)
+    wait_for_subscribers: int = 0  # hold the start document until this many subscribers joined (e.g. a Bluesky
+    wait_timeout_s: float = 30.0  # RemoteDispatcher, which has no late-joiner remedy); then start anyway
+
+    def __post_init__(self) -> None:
+        if self.every_samples < 1:
+            raise ConfigError(f"telemetry.every_samples = {self.every_samples}: must be >= 1")
+        if self.wait_for_subscribers < 0 or not (math.isfinite(self.wait_timeout_s) and self.wait_timeout_s > 0):
+            raise ConfigError(f"telemetry.wait_for_subscribers = {self.wait_for_subscribers} must be >= 0 and "
+                              f"telemetry.wait_timeout_s = {self.wait_timeout_s} finite and > 0")
 
 
 @dataclass

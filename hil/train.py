@@ -7,6 +7,7 @@ hil/engine/baselines.py, or hil/insitu/learner.py on an instrument) offers ``tra
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -52,21 +53,49 @@ class EpochTally:
 
 @dataclass
 class Summary:
+    """What a training session did; ``line()`` is what ``hil train`` prints and ``summary.json`` what it saved.
+
+    Rates and pulses are the same figures ``hil report`` shows: samples/s is training samples per second of
+    training time (evaluation excluded) in this session, pulses_sent the run's cumulative count.
+    """
+
     run_dir: Path
-    epochs: int
-    test_accuracy: float
-    best_test_accuracy: float
+    epochs: int  # epochs completed in the run (all sessions)
+    epochs_planned: int
+    test_accuracy: float | None  # last evaluation's, None before the first
+    best_test_accuracy: float | None
     samples_per_second: float
     status: str  # "success" | "interrupted"
+    samples_seen: int = 0  # training samples of the run so far
+    stopped_by: str = ""  # "SIGINT" or "SIGTERM" when interrupted
     extra: dict[str, Any] = field(default_factory=dict)
 
     def line(self) -> str:
         extra = "".join(f", {k.replace('_', ' ')} {v}" for k, v in self.extra.items())
-        return (
-            f"final test accuracy {100 * self.test_accuracy:.2f} % after {self.epochs} epochs "
-            f"(best {100 * self.best_test_accuracy:.2f} %), {self.samples_per_second:.0f} samples/s{extra}; "
-            f"run: {self.run_dir}"
-        )
+        if self.test_accuracy is None:
+            where = f"epoch {self.epochs + 1} of {self.epochs_planned}"
+            head = f"interrupted in {where} after {self.samples_seen} samples, before the first evaluation"
+        else:
+            best = "" if self.best_test_accuracy is None else f" (best {100 * self.best_test_accuracy:.2f} %)"
+            stopped = "" if self.status == "success" else ", interrupted"
+            head = (f"final test accuracy {100 * self.test_accuracy:.2f} % after {self.epochs} of "
+                    f"{self.epochs_planned} epochs{best}{stopped}")
+        return f"{head}, {self.samples_per_second:.1f} samples/s{extra}; run: {self.run_dir}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "epochs_done": self.epochs, "epochs_planned": self.epochs_planned,
+                "last_test_accuracy": self.test_accuracy, "best_test_accuracy": self.best_test_accuracy,
+                "samples_seen": self.samples_seen, "samples_per_second": self.samples_per_second, **self.extra}
+
+
+SUMMARY_FILE = "summary.json"  # the last session's Summary.to_dict(), read by `hil report`
+
+
+def write_summary(run: RunDir, summary: Summary) -> None:
+    from eqprop_hil.runs.durable import atomic_write_bytes, to_json_safe
+
+    text = json.dumps(to_json_safe(summary.to_dict()), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_bytes(run.path / SUMMARY_FILE, (text + "\n").encode("utf-8"))
 
 
 def check_shapes(cfg: RunConfig, data: Dataset) -> None:
@@ -129,7 +158,7 @@ def train(
         })
 
     history = [m for m in run.read_metrics() if "test_accuracy" in m]
-    status, t_run, samples_run = "success", time.perf_counter(), 0
+    status, train_seconds, samples_run = "success", 0.0, 0
     with GracefulInterrupt() as interrupt:
         while cursor.epoch < tcfg.epochs and not interrupt.requested:
             bar = tqdm(
@@ -155,6 +184,7 @@ def train(
                     checkpoint()
             bar.close()
             tally.seconds += time.perf_counter() - t0
+            train_seconds += time.perf_counter() - t0
             if interrupt.requested:
                 status = "interrupted"
                 break
@@ -167,6 +197,7 @@ def train(
                 "test_accuracy": test_acc,
                 "seconds": tally.seconds,
                 "samples_per_second": tally.seen / max(tally.seconds, 1e-9),
+                "samples_seen": cursor.samples_seen,
             }
             if extra_stats is not None:
                 record.update(extra_stats())
@@ -183,19 +214,21 @@ def train(
             checkpoint()
         if status == "interrupted":
             checkpoint()
-    elapsed = time.perf_counter() - t_run
-    last = history[-1]["test_accuracy"] if history else float("nan")
-    best = max((m["test_accuracy"] for m in history), default=float("nan"))
     _plots(run, cfg)
-    return Summary(
+    summary = Summary(
         run_dir=run.path,
         epochs=len(history),
-        test_accuracy=last,
-        best_test_accuracy=best,
-        samples_per_second=samples_run / max(elapsed, 1e-9),
+        epochs_planned=tcfg.epochs,
+        test_accuracy=history[-1]["test_accuracy"] if history else None,
+        best_test_accuracy=max((m["test_accuracy"] for m in history), default=None),
+        samples_per_second=samples_run / train_seconds if train_seconds > 0 else 0.0,
         status=status,
+        samples_seen=cursor.samples_seen,
+        stopped_by=interrupt.signal_name if status == "interrupted" else "",
         extra=extra_stats() if extra_stats is not None else {},
     )
+    write_summary(run, summary)
+    return summary
 
 
 def _plots(run: RunDir, cfg: RunConfig) -> None:
@@ -203,7 +236,15 @@ def _plots(run: RunDir, cfg: RunConfig) -> None:
 
     metrics = run.read_metrics()
     if metrics:
-        plot_learning_curves(metrics, run.plots_dir / "learning_curves.png", title=cfg.name)
+        plot_learning_curves(metrics, run.plots_dir / "learning_curves.png", title=plot_title(cfg, run))
+
+
+def plot_title(cfg: RunConfig, run: RunDir) -> str:
+    """A title that says what was trained where: config, rule, sizes, data set, instrument and run name."""
+    where = cfg.instrument.resource.split("?")[0]
+    mode = "" if where == "software" else f" ({cfg.instrument.update_mode})"
+    return (f"{cfg.name}: {cfg.rule.name} {'-'.join(map(str, cfg.model.sizes))} on {cfg.train.dataset}, "
+            f"{where}{mode}\nrun {run.path.name}")
 
 
 def prepare_data(cfg: RunConfig) -> Dataset:

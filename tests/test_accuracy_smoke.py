@@ -43,11 +43,13 @@ def test_summary_uses_median_of_last_epoch_and_the_1p5_point_band(accuracy):
     assert "seed" not in out["ep"]["overrides"]["train"]
 
 
-def test_mnist5k_uses_the_papers_cep_rates_and_the_wider_input(accuracy):
+def test_mnist5k_uses_the_tuned_cep_settings_and_the_wider_input(accuracy):
     ov = accuracy.overrides_for("cep", "mnist5k", seed=2, epochs=None, quick=False)
     assert ov["model"]["sizes"] == [784, 256, 10]
-    assert ov["rule"]["lr"] == [0.0056, 0.0028]
-    assert ov["train"] == {"dataset": "mnist5k", "seed": 2, "epochs": 30}
+    assert ov["rule"] == {"lr": [0.0112, 0.0056], "beta": 0.4, "beta_sign": "random"}  # 2x the paper's C-EP-1h
+    assert ov["train"] == {"dataset": "mnist5k", "seed": 2, "epochs": 60}
+    assert accuracy.overrides_for("bp", "mnist5k", seed=0, epochs=None, quick=False)["train"]["epochs"] == 30
+    assert accuracy.overrides_for("cep", "mnist5k", seed=0, epochs=5, quick=False)["train"]["epochs"] == 5
     assert "rule" not in accuracy.overrides_for("ep", "digits", seed=0, epochs=None, quick=False)
 
 

@@ -1,4 +1,4 @@
-"""Smoke test of the link and hardware-in-the-loop benchmarks: they run end to end on tiny settings, print their
+"""Smoke test of the link, hardware-in-the-loop and engine benchmarks: they run end to end on tiny settings, print their
 tables with the headers the README quotes, and write JSON with the keys the lead's figures are taken from.
 Wall time is never asserted (the machine is shared); the byte counts are exact, so they are checked."""
 
@@ -54,3 +54,21 @@ def test_hil_quick_prints_table_and_writes_json(tmp_path, capsys):
     for key in ("analog/tcp (thread) local", "fpga/pty (thread) local"):
         r = results[key]
         assert r["samples"] == 10
+
+
+def test_engine_quick_compares_engine_and_oracle_and_writes_json(tmp_path, capsys):
+    from benchmarks import engine as engine_bench
+
+    engine_bench.main(["--quick", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "interleaved repetitions" in text and "peak RSS" in text
+    data = json.loads((tmp_path / "engine.json").read_text())
+    assert data["quick"] is True and data["threads"] == 1
+    rows = {r["preset"]: r for r in data["throughput"]}
+    assert set(rows) == {"cep-1h", "ep-1h", "fre-2h"}
+    for r in rows.values():
+        assert r["batch"] == 20
+        for impl in ("engine", "oracle"):
+            assert 0 < r[impl]["min"] <= r[impl]["median"] <= r[impl]["max"]
+    mem = data["memory"]
+    assert [m["t2"] for m in mem] == [15, 150] and all(m["peak_mib"] > 0 for m in mem)

@@ -150,6 +150,10 @@ def test_fit_is_exact_on_noise_free_soft_bounds_data() -> None:
 
 def test_cli_writes_a_loadable_file_and_plots(tmp_path, capsys) -> None:
     out = tmp_path / "cal" / "board.json"
+    with pytest.raises(SystemExit):  # the convention: a directory the user names must exist
+        main(["calibrate", "--instrument", "sim://fpga?sizes=8,16,4&seed=2", "--out", str(out)])
+    assert "does not exist" in capsys.readouterr().err and not out.parent.exists()
+    out.parent.mkdir()
     rc = main(["calibrate", "--instrument", "sim://fpga?sizes=8,16,4&seed=2", "--out", str(out), "--quick",
                "--gains", "1,0.25,0.05"])
     assert rc == 0
@@ -160,7 +164,7 @@ def test_cli_writes_a_loadable_file_and_plots(tmp_path, capsys) -> None:
     assert cal.recommended_gain in (0.25, 0.05) and cal.settle_steps > 0
     assert out.with_suffix(".npz").exists()
     for suffix in ("pulse_response", "step_hist", "settle_gain"):
-        png = tmp_path / "cal" / f"board_{suffix}.png"
+        png = tmp_path / "cal" / "board_plots" / f"{suffix}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = capsys.readouterr().out
     assert "recommended feedback gain" in text and "0f" in text and "1f" in text

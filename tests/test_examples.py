@@ -28,7 +28,7 @@ EXPECTED: dict[str, list[str]] = {
                             r"layer 2 \( 4 neurons\)", r"closed: the board was left in HOLD"],
     "02_pulse_response.py": [r"devices fitted 16 \(stuck 0\)", r"step up +0\.00\d+ +step down +0\.00\d+",
                              r"plot: .*pulse_response\.png"],
-    "03_train_in_situ.py": [r"final test accuracy \d+\.\d+ % after 1 epochs", r"epoch 1: train acc",
+    "03_train_in_situ.py": [r"final test accuracy \d+\.\d+ % after 1 of 1 epochs", r"epoch 1: train acc",
                             r"journal: (\d+) pulse commands begun, \1 acknowledged, 0 pending"],
     "04_fpga_local_learning.py": [r"accuracy after 200 samples: ", r"per training sample: 1\.0 round trips"],
     "05_watch_telemetry.py": [r"start +run 'example-run'", r"event 3 +epoch 3", r"late joiner's snapshot: run",

@@ -167,7 +167,7 @@ def test_ctrl_c_finishes_the_step_leaves_the_board_safe_checkpoints_and_resumes(
         resumed = _Train(["train", "--resume", str(run_dir), "--no-progress"])
         code, out = resumed.finish()
         assert code == 0, "".join(resumed.err)
-        assert "final test accuracy" in out and "after 1 epochs" in out
+        assert "final test accuracy" in out and "after 1 of 1 epochs" in out
         _assert_safe(emu)
 
 

@@ -1,5 +1,6 @@
-"""Telemetry over real ZeroMQ on loopback: document order and decoding, late joiners (welcome, re-send,
-snapshot), CURVE and token refusal, the loopback warning, malformed messages, and `hil monitor` end to end."""
+"""Telemetry over real ZeroMQ on loopback: document order and decoding, late joiners (welcome on the joiner's own
+topic, re-send, snapshot) without duplicates on the wire, CURVE and token refusal, the loopback warning,
+malformed messages, and `hil monitor` end to end. Bluesky's own callbacks: tests/test_bluesky.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -27,17 +29,28 @@ from eqprop_hil.telemetry import (
     TelemetryRefused,
     TelemetrySubscriber,
     TelemetryTimeout,
-    check_bind_address,
     decode_message,
     encode_document,
     fetch_snapshot,
     is_loopback_endpoint,
     to_jsonable,
+    warn_if_exposed,
 )
 from eqprop_hil.protocols.errors import EqpropError, ValueRangeError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WAIT_S = 10.0  # bound on every wait for something that must happen
+KEYS = {"epoch": {"dtype": "integer"}, "samples": {"dtype": "integer"},
+        "running_accuracy": {"dtype": "number", "units": "fraction"}, "pulses_sent": {"dtype": "integer"}}
+LIVE = b"eqprop-hil "  # the live topic a plain subscription (b"") is registered as
+
+
+def _subscribed_live(xpub: zmq.Socket) -> None:
+    """Drain a raw XPUB's subscription messages until the live one arrives (welcome topics come first)."""
+    while True:
+        assert xpub.poll(zmq_ms(60.0)), "no live subscription arrived"
+        if xpub.recv() == b"\x01" + LIVE:
+            return
 
 
 def _take(sub: TelemetrySubscriber, n: int) -> list[tuple[str, dict]]:
@@ -62,9 +75,9 @@ def test_documents_arrive_in_order_and_decode() -> None:
         assert pub.wait_for_subscribers(1, WAIT_S)
         uid = pub.start("r1", config={"lr": np.float32(0.5), "sizes": (64, 256, 10), "bad": float("nan")},
                         instrument={"identity": {"serial": "SIM0001"}})
-        pub.describe()
+        pub.describe(KEYS)
         for i in range(3):
-            assert pub.event({"kind": "train", "epoch": np.int64(1), "samples": 20 * (i + 1),
+            assert pub.event({"epoch": np.int64(1), "samples": 20 * (i + 1),
                               "running_accuracy": [float("nan"), 0.5, 0.75][i], "pulses_sent": 100 * i}) == i + 1
         pub.stop("success")
         docs = _take(sub, 6)
@@ -73,7 +86,8 @@ def test_documents_arrive_in_order_and_decode() -> None:
     assert start["uid"] == uid and start["run_name"] == "r1"
     assert start["config"] == {"lr": 0.5, "sizes": [64, 256, 10], "bad": None}  # numpy -> JSON, NaN -> null
     assert start["instrument"]["identity"]["serial"] == "SIM0001"
-    assert desc["run_start"] == uid and desc["data_keys"]["test_accuracy"]["units"] == "fraction"
+    assert desc["run_start"] == uid and desc["data_keys"]["running_accuracy"]["units"] == "fraction"
+    assert desc["name"] == "primary" and all(v["source"] for v in desc["data_keys"].values())
     events = [d for n, d in docs if n == "event"]
     assert [e["seq_num"] for e in events] == [1, 2, 3]
     assert [e["data"]["running_accuracy"] for e in events] == [None, 0.5, 0.75]
@@ -81,18 +95,18 @@ def test_documents_arrive_in_order_and_decode() -> None:
     assert stop["exit_status"] == "success" and stop["run_start"] == uid and stop["num_events"] == {"primary": 3}
 
 
-def test_late_subscriber_is_welcomed_with_start_descriptor_and_last_event_without_duplicates() -> None:
+def test_late_subscriber_is_welcomed_on_its_own_topic_and_nobody_sees_a_duplicate() -> None:
     with TelemetryPublisher(resend_start_every_s=None) as pub:
         uid = pub.start("late", config={})
-        pub.event({"epoch": 0, "samples": 10})  # describes TRAINING_DATA_KEYS implicitly
+        pub.event({"epoch": 0, "samples": 10})  # describes stream "primary" from the first event
         pub.event({"epoch": 0, "samples": 20})
-        with TelemetrySubscriber(pub.address) as sub:
+        with TelemetrySubscriber(pub.address, dedupe=False) as sub:  # what is on the wire, duplicates included
             first = _take(sub, 3)
             assert [n for n, _ in first] == ["start", "descriptor", "event"]
             assert first[0][1]["uid"] == uid and first[2][1]["data"]["samples"] == 20
-            with TelemetrySubscriber(pub.address) as second:  # its welcome reaches `sub` too, as duplicates
+            with TelemetrySubscriber(pub.address, dedupe=False) as second:  # its welcome is for it alone
                 assert [n for n, _ in _take(second, 3)] == ["start", "descriptor", "event"]
-            pub.event({"epoch": 1, "samples": 30, "test_accuracy": 0.5})
+            pub.event({"epoch": 1, "samples": 30})
             pub.stop("abort", "user pressed Ctrl-C")
             rest = _take(sub, 2)
             assert [n for n, _ in rest] == ["event", "stop"]
@@ -102,10 +116,31 @@ def test_late_subscriber_is_welcomed_with_start_descriptor_and_last_event_withou
             assert [n for n, _ in _take(after, 4)] == ["start", "descriptor", "event", "stop"]
 
 
+def test_a_plain_subscription_gets_live_documents_only(raw_ctx: zmq.Context) -> None:
+    """What Bluesky's RemoteDispatcher does (SUB to b""): one frame per document, never a replay."""
+    with TelemetryPublisher(resend_start_every_s=0.05) as pub:
+        pub.start("plain")
+        pub.event({"epoch": 1})
+        sub = raw_ctx.socket(zmq.SUB)
+        sub.linger = 0
+        sub.subscribe(b"")
+        sub.connect(pub.address)
+        assert pub.wait_for_subscribers(1, WAIT_S)
+        with TelemetrySubscriber(pub.address):  # another joiner's welcome must not reach `sub`
+            time.sleep(0.3)  # several resend periods
+            pub.event({"epoch": 2})
+            pub.stop()
+            frames = []
+            while sub.poll(zmq_ms(1.0)):
+                frames.append(sub.recv_multipart())
+    assert all(len(f) == 1 and f[0].startswith(LIVE) for f in frames)
+    assert [decode_message(f)[1] for f in frames] == ["event", "stop"]
+
+
 def test_late_subscriber_gets_start_from_the_periodic_resend() -> None:
     with TelemetryPublisher(resend_start_every_s=0.05, welcome_subscribers=False) as pub:
         uid = pub.start("resent", config={"epochs": 3})
-        desc_uid = pub.describe()
+        desc_uid = pub.describe({"epoch": {"dtype": "integer"}})
         pub.event({"epoch": 1})
         with TelemetrySubscriber(pub.address) as sub:
             got: dict[str, dict] = {}
@@ -120,21 +155,22 @@ def test_late_subscriber_gets_start_from_the_periodic_resend() -> None:
         assert pub.subscriptions >= 1
 
 
-def test_snapshot_reports_latest_documents() -> None:
+def test_snapshot_reports_the_run_so_far() -> None:
     with TelemetryPublisher(resend_start_every_s=None, welcome_subscribers=False) as pub:
-        assert fetch_snapshot(pub.snapshot_address, timeout_s=WAIT_S) == dict.fromkeys(
-            ["start", "descriptor", "event", "stop"])
+        assert fetch_snapshot(pub.snapshot_address, timeout_s=WAIT_S) == []
         uid = pub.start("snap", config={"a": 1})
-        pub.event({"epoch": 1, "test_accuracy": 0.25})
-        pub.event({"epoch": 2, "test_accuracy": 0.5})
+        pub.event({"epoch": 1, "test_accuracy": 0.25}, "eval")
+        pub.event({"epoch": 2, "test_accuracy": 0.5}, "eval")
+        pub.event({"samples": 7})
         snap = fetch_snapshot(pub.snapshot_address, timeout_s=WAIT_S)
-        assert snap["start"]["uid"] == uid and snap["start"]["config"] == {"a": 1}
-        assert snap["descriptor"]["run_start"] == uid
-        assert snap["event"]["seq_num"] == 2 and snap["event"]["data"]["test_accuracy"] == 0.5
-        assert snap["stop"] is None
+        assert [n for n, _ in snap] == ["start", "descriptor", "descriptor", "event", "event"]
+        assert snap[0][1]["uid"] == uid and snap[0][1]["config"] == {"a": 1}
+        assert [d["name"] for n, d in snap if n == "descriptor"] == ["eval", "primary"]
+        assert snap[3][1]["seq_num"] == 2 and snap[3][1]["data"]["test_accuracy"] == 0.5  # the last per stream
+        assert snap[4][1]["data"] == {"samples": 7}
         pub.stop("fail", "link lost")
         with TelemetrySubscriber(pub.address, snapshot_address=pub.snapshot_address) as sub:
-            assert sub.snapshot()["stop"]["reason"] == "link lost"
+            assert sub.snapshot()[-1][1]["reason"] == "link lost"
 
 
 def _handshake_outcome(ctx: zmq.Context, address: str, server_key: bytes | None) -> tuple[int, zmq.Socket]:
@@ -180,7 +216,7 @@ def test_curve_subscriber_without_the_server_key_receives_nothing(raw_ctx: zmq.C
         with pytest.raises(TelemetryTimeout):
             fetch_snapshot(pub.snapshot_address, timeout_s=0.5)
         assert fetch_snapshot(pub.snapshot_address, server_public_key=server_public.decode(),
-                              timeout_s=WAIT_S)["stop"]["exit_status"] == "success"
+                              timeout_s=WAIT_S)[-1][1]["exit_status"] == "success"
 
 
 def test_snapshot_token_refused_then_accepted(raw_ctx: zmq.Context) -> None:
@@ -197,7 +233,7 @@ def test_snapshot_token_refused_then_accepted(raw_ctx: zmq.Context) -> None:
         empty, body = dealer.recv_multipart()
         reply = json.loads(body)
         assert empty == b"" and reply["ok"] is False and "malformed request" in reply["error"]
-        assert fetch_snapshot(pub.snapshot_address, token="s3cret", timeout_s=WAIT_S)["start"]["run_name"] == "tok"
+        assert fetch_snapshot(pub.snapshot_address, token="s3cret", timeout_s=WAIT_S)[0][1]["run_name"] == "tok"
 
 
 @pytest.mark.parametrize("endpoint, loopback", [
@@ -210,15 +246,18 @@ def test_loopback_classification(endpoint: str, loopback: bool) -> None:
     assert is_loopback_endpoint(endpoint) is loopback
 
 
-def test_non_loopback_bind_warns_on_log_and_stderr(caplog: pytest.LogCaptureFixture,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_non_loopback_bind_warns_once_naming_what_is_missing(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="eqprop_hil.telemetry"):
-        assert check_bind_address("tcp://0.0.0.0:0") is True
-        # A TEST-NET-3 address is on no interface: the warning comes before the bind, which then fails cleanly.
-        with pytest.raises(TelemetryError, match="cannot bind"):
-            TelemetryPublisher("tcp://203.0.113.7:0")
-    assert sum("NOT loopback" in r.getMessage() for r in caplog.records) == 2
-    assert capsys.readouterr().err.count("warning: telemetry socket binds") == 2
+        assert warn_if_exposed(["tcp://0.0.0.0:0", "tcp://0.0.0.0:1"], curve=False, token=True) is True
+        assert warn_if_exposed(["tcp://127.0.0.1:0"], curve=False, token=False) is False
+    (record,) = caplog.records  # one line for both sockets
+    assert "NOT loopback" in record.getMessage() and "curve_secret_key_file" in record.getMessage()
+    assert "token" not in record.getMessage().split("add", 1)[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="eqprop_hil.telemetry"):
+        with TelemetryPublisher("tcp://0.0.0.0:0", resend_start_every_s=None) as pub:
+            assert pub.address.startswith("tcp://0.0.0.0:")
+    assert sum("NOT loopback" in r.getMessage() for r in caplog.records) == 1
     with pytest.raises(ValueRangeError):
         is_loopback_endpoint("127.0.0.1:5556")
 
@@ -239,16 +278,18 @@ def test_other_loopback_address_binds_without_warning(caplog: pytest.LogCaptureF
 
 
 MALFORMED = [
-    ([b"event", b"\xff\xfe{"], r"b'\\xff\\xfe\{'"),  # not UTF-8
-    ([b"start"], "1 frames"),
-    ([b"start", b"{}", b"x"], "3 frames"),
-    ([b"bogus", b'{"uid":"u","time":1}'], "unknown document kind 'bogus'"),
-    ([b"start", b"[1, 2]"], "not a JSON object"),
-    ([b"start", b'{"uid":"u","time":NaN}'], "NaN"),
-    ([b"event", b'{"uid":"u","time":1,"descriptor":"d","data":{}}'], "seq_num"),
-    ([b"stop", b'{"uid":"u","time":1,"run_start":"r","reason":"","num_events":{},"exit_status":"ok"}'], "exit_status"),
-    ([b"descriptor", b'{"uid":"u","time":1,"run_start":"r","data_keys":{"x":{"dtype":"float"}}}'], "data key 'x'"),
-    ([b"event", b"x" * 500], r"\.\.\.\(500 bytes\)"),
+    ([b"eqprop-hil event \xff\xfe{"], r"\\xff\\xfe\{"),  # not UTF-8
+    ([b"eqprop-hil start"], "separated by spaces"),
+    ([b"eqprop-hil", b"start", b"{}"], "3 frames"),
+    ([b'eqprop-hil bogus {"uid":"u","time":1}'], "unknown document kind 'bogus'"),
+    ([b"eqprop-hil start [1, 2]"], "not a JSON object"),
+    ([b'eqprop-hil start {"uid":"u","time":NaN}'], "NaN"),
+    ([b'eqprop-hil event {"uid":"u","time":1,"descriptor":"d","data":{},"timestamps":{}}'], "seq_num"),
+    ([b'eqprop-hil stop {"uid":"u","time":1,"run_start":"r","reason":"","num_events":{},"exit_status":"ok"}'],
+     "exit_status|'ok'"),
+    ([b'eqprop-hil descriptor {"uid":"u","time":1,"run_start":"r","data_keys":{"x":{"dtype":"number","shape":[]}}}'],
+     "source"),  # event-model's schema: a data key needs its source
+    ([b"eqprop-hil event " + b"x" * 500], r"\.\.\.\(517 bytes\)"),
 ]
 
 
@@ -264,9 +305,9 @@ def test_subscriber_survives_a_malformed_message_on_the_wire(raw_ctx: zmq.Contex
     xpub.linger = 0
     xpub.bind("tcp://127.0.0.1:0")
     with TelemetrySubscriber(xpub.getsockopt_string(zmq.LAST_ENDPOINT)) as sub:
-        assert xpub.poll(zmq_ms(WAIT_S)) and xpub.recv() == b"\x01"  # its subscription arrived
-        xpub.send_multipart([b"start", b"\x00\x01garbage"])
-        xpub.send_multipart([b"start", encode_document({"uid": "u1", "time": 1.0, "run_name": "ok"})])
+        _subscribed_live(xpub)
+        xpub.send(LIVE + b"start \x00\x01garbage")
+        xpub.send(LIVE + b"start " + encode_document({"uid": "u1", "time": 1.0, "run_name": "ok"}))
         with pytest.raises(TelemetryError, match=r"garbage"):
             sub.receive(timeout_s=WAIT_S)
         assert sub.receive(timeout_s=WAIT_S) == ("start", {"uid": "u1", "time": 1.0, "run_name": "ok"})
@@ -305,7 +346,7 @@ def test_publisher_misuse_is_refused_before_anything_is_sent() -> None:
     with TelemetrySubscriber(pub.address) as sub:
         assert pub.wait_for_subscribers(1, WAIT_S)
         with pytest.raises(TelemetryError, match="before start"):
-            pub.describe()
+            pub.describe(KEYS)
         with pytest.raises(TelemetryError, match="without an open run"):
             pub.stop()
         pub.start("m")
@@ -341,17 +382,17 @@ def test_context_manager_stops_an_open_run_as_failed() -> None:
 
 def _monitor(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("HIL_TELEMETRY_TOKEN", None)
+    for name in ("HIL_TELEMETRY_TOKEN", "EQPROP_HIL_TELEMETRY_TOKEN"):
+        env.pop(name, None)
     return subprocess.Popen([sys.executable, "-m", "eqprop_hil", "monitor", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _publish_run(pub: TelemetryPublisher, status: str = "success", reason: str = "") -> None:
     pub.start("digits-test", config={"epochs": 2}, instrument={"identity": {"serial": "SIM0001"}})
-    pub.describe()
-    pub.event({"kind": "train", "epoch": 1, "samples": 1000, "running_accuracy": 0.625,
-               "samples_per_second": 512.25, "pulses_sent": 123456})
-    pub.event({"kind": "eval", "epoch": 1, "samples": 1437, "test_accuracy": 0.875})
+    pub.event({"epoch": 1, "samples": 1000, "running_accuracy": 0.625, "samples_per_second": 512.25,
+               "pulses_sent": 123456})
+    pub.event({"epoch": 1, "samples": 1437, "test_accuracy": 0.875}, "eval")
     pub.stop(status, reason)
 
 
@@ -377,12 +418,12 @@ def test_hil_monitor_reports_abort_and_skips_malformed_messages(raw_ctx: zmq.Con
     xpub.bind("tcp://127.0.0.1:0")
     proc = _monitor(xpub.getsockopt_string(zmq.LAST_ENDPOINT), "--timeout", "30")
     try:
-        assert xpub.poll(zmq_ms(60.0)) and xpub.recv() == b"\x01"
-        xpub.send_multipart([b"event", b"\xde\xad"])
+        _subscribed_live(xpub)
+        xpub.send(LIVE + b"event \xde\xad")
         stop = {"uid": "s", "time": 2.0, "run_start": "r", "exit_status": "abort", "reason": "Ctrl-C",
                 "num_events": {"primary": 0}}
-        xpub.send_multipart([b"start", encode_document({"uid": "r", "time": 1.0, "run_name": "hand"})])
-        xpub.send_multipart([b"stop", encode_document(stop)])
+        xpub.send(LIVE + b"start " + encode_document({"uid": "r", "time": 1.0, "run_name": "hand"}))
+        xpub.send(LIVE + b"stop " + encode_document(stop))
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
@@ -394,14 +435,19 @@ def test_hil_monitor_reports_abort_and_skips_malformed_messages(raw_ctx: zmq.Con
 def test_hil_monitor_once_prints_the_snapshot() -> None:
     with TelemetryPublisher(resend_start_every_s=None, token="t0k") as pub:
         _publish_run(pub, "fail", "link lost")
-        env_token = {**os.environ, "PYTHONPATH": str(ROOT), "HIL_TELEMETRY_TOKEN": "t0k"}
-        done = subprocess.run([sys.executable, "-m", "eqprop_hil", "monitor", pub.address, "--snapshot",
-                               pub.snapshot_address, "--once", "--timeout", "30"], cwd=ROOT, env=env_token,
-                              text=True, capture_output=True, timeout=60)
-        refused = subprocess.run([sys.executable, "-m", "eqprop_hil", "monitor", pub.address, "--snapshot",
-                                  pub.snapshot_address, "--once", "--token", "nope"], cwd=ROOT, text=True,
-                                 capture_output=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        runs = {}
+        for label, name in (("new", "EQPROP_HIL_TELEMETRY_TOKEN"), ("old", "HIL_TELEMETRY_TOKEN"),
+                            ("wrong", "EQPROP_HIL_TELEMETRY_TOKEN")):
+            env = {k: v for k, v in os.environ.items() if "TELEMETRY_TOKEN" not in k}
+            env[name] = "nope" if label == "wrong" else "t0k"
+            runs[label] = subprocess.run([sys.executable, "-m", "eqprop_hil", "monitor", pub.address, "--snapshot",
+                                          pub.snapshot_address, "--once", "--timeout", "30"], cwd=ROOT, env=env,
+                                         text=True, capture_output=True, timeout=60)
+    done, old, refused = runs["new"], runs["old"], runs["wrong"]
     assert done.returncode == 0, done.stderr
+    assert old.returncode == 0 and old.stdout == done.stdout, old.stderr
+    assert "HIL_TELEMETRY_TOKEN is deprecated; set EQPROP_HIL_TELEMETRY_TOKEN" in old.stderr
+    assert "deprecated" not in done.stderr
     assert "run digits-test" in done.stdout and "SIM0001" in done.stdout and "test 87.5 %" in done.stdout
     assert "exit status fail (link lost)" in done.stdout
     assert refused.returncode == 1 and "refused" in refused.stderr
@@ -414,3 +460,22 @@ def test_monitor_does_not_import_torch() -> None:
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
+
+
+def test_curve_from_zmq_auth_certificate_files_as_bluesky_uses_them(tmp_path: pathlib.Path) -> None:
+    """[telemetry] curve_secret_key_file / --telemetry-curve-key take zmq.auth certificates (Bluesky's curve_config
+    files); a subscriber passes the public .key file."""
+    import zmq.auth
+
+    public_file, secret_file = zmq.auth.create_certificates(str(tmp_path), "server")
+    with pytest.raises(ValueRangeError, match="no secret key"):
+        TelemetryPublisher(curve_secret_key=pathlib.Path(public_file))
+    with pytest.raises(ValueRangeError, match="does not exist"):
+        TelemetryPublisher(curve_secret_key=tmp_path / "missing.key_secret")
+    with TelemetryPublisher(curve_secret_key=pathlib.Path(secret_file), resend_start_every_s=None) as pub:
+        assert pub.public_key == zmq.auth.load_certificate(public_file)[0]
+        with TelemetrySubscriber(pub.address, server_public_key=public_file) as sub:
+            assert pub.wait_for_subscribers(1, WAIT_S)
+            pub.start("curve-files")
+            pub.stop()
+            assert [n for n, _ in _take(sub, 2)] == ["start", "stop"]

@@ -1,9 +1,9 @@
 """`hil calibrate`: measure an instrument before training and write the calibration file `hil train` reads.
 
-Writes ``FILE.json`` (+ ``FILE.npz`` with the per-device arrays) and, next to it, three PNGs:
-``FILE_pulse_response.png`` (measured weights of a few devices with the fitted soft-bounds model),
-``FILE_step_hist.png`` (step sizes and bounds over devices) and ``FILE_settle_gain.png`` (settle steps and
-contraction versus the feedback gain). The measurements themselves live in :mod:`eqprop_hil.insitu.calibrate`.
+Writes ``FILE.json`` (+ ``FILE.npz`` with the per-device arrays; the directory must exist) and, in the
+directory ``FILE_plots/`` next to it (created), three PNGs: ``pulse_response.png`` (measured weights of a few
+devices with the fitted soft-bounds model), ``step_hist.png`` (step sizes and bounds over devices, as fractions
+of the devices) and ``settle_gain.png`` (settle steps and contraction versus the feedback gain). The measurements themselves live in :mod:`eqprop_hil.insitu.calibrate`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eqprop_hil.cli import output_file
 from eqprop_hil.insitu.calibrate import CalibrationOptions, CalibrationResult, PulseResponse, SoftBoundsFit
 
 
@@ -51,7 +52,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     d = CalibrationOptions()
     parser.add_argument("--instrument", default="sim://analog", metavar="RESOURCE",
                         help="VISA resource, serial port or sim:// URL (default %(default)s)")
-    parser.add_argument("--out", required=True, type=Path, metavar="FILE.json", help="calibration file to write")
+    parser.add_argument("--out", required=True, type=output_file, metavar="FILE.json",
+                        help="calibration file to write (its directory must exist); plots go to FILE_plots/")
     parser.add_argument("--edges", type=_ints, help="edges to pulse, e.g. 0,1 (default all; others get pooled medians)")
     parser.add_argument("--devices", type=_positive(int), metavar="N",
                         help="measure only a block of N devices per matrix (per-device arrays are then omitted)")
@@ -78,6 +80,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from eqprop_hil.cli import progress_wanted
     from eqprop_hil.drivers import open_array
     from eqprop_hil.insitu.calibrate import calibrate, progress_total
 
@@ -85,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
                               tolerance=args.tolerance, gains=tuple(args.gains), inputs=args.inputs,
                               max_steps=args.max_steps, budget=args.budget, seed=args.seed, restore=not args.no_restore)
     with open_array(args.instrument) as array:
-        with tqdm(total=progress_total(array, opts), desc="calibrate", unit="op") as bar:
+        with tqdm(total=progress_total(array, opts), desc="calibrate", unit="op",
+                  disable=not progress_wanted(quiet=args.quiet)) as bar:
             result = calibrate(array, opts, progress=bar)
     result.calibration.report["resource"] = args.instrument
     path = result.calibration.save(args.out)
@@ -125,31 +129,48 @@ def report_table(result: CalibrationResult) -> str:
 
 
 def write_plots(result: CalibrationResult, json_path: Path) -> list[Path]:
-    """The three figures next to the JSON file; returns their paths."""
+    """The three figures in ``<stem>_plots/`` next to the JSON file (created); returns their paths."""
     from eqprop_hil.runs.plots import new_figure, save_figure
 
-    stem = json_path.with_suffix("")
+    out_dir = json_path.with_name(json_path.stem + "_plots")
+    out_dir.mkdir(exist_ok=True)
+    ident = result.calibration.instrument or {}
+    where = " ".join(str(ident[k]) for k in ("model", "serial") if k in ident) or "instrument"
+    resource = result.calibration.report.get("resource", "")
+    sizes = "-".join(map(str, (result.calibration.topology or {}).get("sizes", [])))
+    what = f"{where} {sizes} ({resource})" if resource else f"{where} {sizes}"
     paths = []
     items = list(result.responses.items())
     fig, axes = new_figure(ncols=len(items))
     for ax, ((e, fb), (resp, fit)) in zip(np.atleast_1d(axes), items):
         _plot_response(ax, resp, fit)
         ax.set_title(f"edge {e}{' feedback' if fb else ''}: pulse response")
-    paths.append(save_figure(fig, f"{stem}_pulse_response.png"))
+    fig.suptitle(f"Pulse response and soft-bounds fit: {what}", fontsize=9)
+    paths.append(save_figure(fig, out_dir / "pulse_response.png"))
     fig, axes = new_figure(ncols=2)
+
+    def hist(ax: object, values: np.ndarray, label: str) -> None:
+        """Each series as fractions of its own devices, so a small edge is as visible as a large one."""
+        if values.size:
+            ax.hist(values, bins=30, alpha=0.5, weights=np.full(values.size, 1.0 / values.size),
+                    label=f"{label} ({values.size} devices)")
+
     for (e, fb), (_, fit) in items:
         good = fit.mask & ~fit.stuck
         label = f"edge {e}{'b' if fb else ''}"
-        axes[0].hist(fit.dw_up[good], bins=30, alpha=0.5, label=f"{label} up")
-        axes[0].hist(fit.dw_down[good], bins=30, alpha=0.5, label=f"{label} down")
-        axes[1].hist(fit.w_max[good & np.isfinite(fit.w_max)], bins=30, alpha=0.5, label=f"{label} w_max")
-        axes[1].hist(fit.w_min[good & np.isfinite(fit.w_min)], bins=30, alpha=0.5, label=f"{label} w_min")
+        hist(axes[0], fit.dw_up[good], f"{label} up")
+        hist(axes[0], fit.dw_down[good], f"{label} down")
+        hist(axes[1], fit.w_max[good & np.isfinite(fit.w_max)], f"{label} w_max")
+        hist(axes[1], fit.w_min[good & np.isfinite(fit.w_min)], f"{label} w_min")
     axes[0].set_xlabel("step per pulse (device units)")
+    axes[0].set_title("step sizes over devices")
     axes[1].set_xlabel("bound (device units)")
+    axes[1].set_title("soft bounds over devices")
     for ax in axes:
-        ax.set_ylabel("devices")
+        ax.set_ylabel("fraction of the edge's devices")
         ax.legend(fontsize=7)
-    paths.append(save_figure(fig, f"{stem}_step_hist.png"))
+    fig.suptitle(f"Device variation: {what}", fontsize=9)
+    paths.append(save_figure(fig, out_dir / "step_hist.png"))
     fig, axes = new_figure(ncols=2)
     gains = sorted(result.sweep)
     axes[0].plot(gains, [result.sweep[g]["median"] for g in gains], "o-", label="median")
@@ -164,7 +185,10 @@ def write_plots(result: CalibrationResult, json_path: Path) -> list[Path]:
         if rec is not None:
             ax.axvline(rec, color="grey", ls=":", label=f"recommended {rec:g}")
     axes[0].legend(fontsize=7)
-    paths.append(save_figure(fig, f"{stem}_settle_gain.png"))
+    axes[0].set_title("settle steps vs feedback gain")
+    axes[1].set_title("contraction vs feedback gain")
+    fig.suptitle(f"Settling: {what}", fontsize=9)
+    paths.append(save_figure(fig, out_dir / "settle_gain.png"))
     return paths
 
 

@@ -1,5 +1,8 @@
 """`hil gdu --preset NAME [--beta B] [--eta E] [--seed S] [--json] [--plot PATH]`: the GDU check.
 
+The per-step curves go to ``--plot PATH`` (its directory must exist) or, by default, to
+``runs/<time>-gdu/gdu.png`` with the report as ``gdu.json`` beside it; never into the working directory.
+
 Runs the preset's network (random weights from the seed) on one batch: random input in [0, 1) and random one-hot
 targets when the preset's data set is ``random`` (the C-EP paper's demonstration), else the first training batch
 of that data set. Compares EP (eta 0) or C-EP (eta > 0, one rate for every edge) per-step updates with minus the
@@ -14,6 +17,7 @@ import sys
 
 import torch
 
+from eqprop_hil.cli import default_out_dir, output_file
 from eqprop_hil.config import resolve
 from eqprop_hil.engine.gdu import measure, plot_curves
 from eqprop_hil.engine.model import Network
@@ -26,7 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eta", type=float, help="C-EP per-step rate for every edge; 0 = EP (default: the preset's rule.lr)")
     parser.add_argument("--seed", type=int, help="seed of the weights and the random batch (default: train.seed)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--plot", default="gdu.png", metavar="PATH", help="PNG of the per-step curves (default gdu.png)")
+    parser.add_argument("--plot", type=output_file, metavar="PATH",
+                        help="PNG of the per-step curves (default runs/<time>-gdu/gdu.png; the directory must exist)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
 
 
@@ -59,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
     report = measure(net, x, y, beta=cfg.rule.beta, t1=cfg.rule.t1, t2=cfg.rule.t2, eta=eta)
     report.settings.update({"preset": args.preset, "seed": seed, "rule": "ep" if max(eta) == 0.0 else "cep"})
     if not args.no_plot:
-        report.settings["plot"] = plot_curves(report, args.plot)
+        if args.plot is None:
+            out_dir = default_out_dir("gdu")
+            (out_dir / "gdu.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+            args.plot = out_dir / "gdu.png"
+        report.settings["plot"] = plot_curves(report, str(args.plot))
     if args.json:
         json.dump(report.to_dict(), sys.stdout)
         sys.stdout.write("\n")

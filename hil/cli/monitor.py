@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 from typing import Any, TextIO
 
+from eqprop_hil import env
 from eqprop_hil.telemetry import TelemetryError, TelemetrySubscriber, TelemetryTimeout, fetch_snapshot
 
 PLAIN_INTERVAL_S = 1.0  # pipes/logs: at most one progress line per second (evaluations always print)
@@ -29,10 +29,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="print the run's current state and exit (from --snapshot, else from the first documents)")
     parser.add_argument("--timeout", type=float, default=None, metavar="S",
                         help="give up after S seconds without any document (default: wait forever)")
-    parser.add_argument("--server-key", default=os.environ.get("HIL_TELEMETRY_SERVER_KEY"),
-                        help="the publisher's CURVE public key, Z85 (or env HIL_TELEMETRY_SERVER_KEY)")
-    parser.add_argument("--token", default=os.environ.get("HIL_TELEMETRY_TOKEN"),
-                        help="the snapshot token (or env HIL_TELEMETRY_TOKEN, which keeps it out of `ps`)")
+    parser.add_argument("--server-key", metavar="KEY|FILE.key",
+                        help="the publisher's CURVE public key: Z85 text or a zmq.auth .key file "
+                             "(or env EQPROP_HIL_TELEMETRY_SERVER_KEY)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="a file holding the snapshot token (or env EQPROP_HIL_TELEMETRY_TOKEN; never on the "
+                             "command line, where `ps` shows it)")
+
+
+def _credentials(args: argparse.Namespace) -> None:
+    """Fill args.server_key / args.token from the flags, else the environment (EQPROP_HIL_TELEMETRY_*)."""
+    if args.server_key is None:
+        args.server_key = env.setting("TELEMETRY_SERVER_KEY")
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                args.token = f.read().strip()
+        except OSError as e:
+            raise TelemetryError(f"--token-file {args.token_file}: cannot read it ({e.strerror or e})") from e
+    else:
+        args.token = env.setting("TELEMETRY_TOKEN")
 
 
 class RunView:
@@ -41,6 +57,7 @@ class RunView:
     def __init__(self) -> None:
         self.start: dict[str, Any] | None = None
         self.units: dict[str, str] = {}
+        self.streams: dict[str, str] = {}  # descriptor uid -> stream name ("primary", "eval")
         self.data: dict[str, Any] = {}
         self.events = 0
         self.stop: dict[str, Any] | None = None
@@ -51,7 +68,8 @@ class RunView:
                 self.__init__()
             self.start = doc
         elif name == "descriptor":
-            self.units = {k: str(v.get("units", "")) for k, v in doc["data_keys"].items()}
+            self.streams[doc["uid"]] = str(doc.get("name", "primary"))
+            self.units.update({k: str(v.get("units", "")) for k, v in doc["data_keys"].items()})
         elif name == "event":
             self.events += 1
             self.data.update({k: v for k, v in doc["data"].items() if v is not None})
@@ -61,6 +79,9 @@ class RunView:
     @property
     def run_name(self) -> str:
         return "?" if self.start is None else str(self.start.get("run_name", self.start["uid"][:8]))
+
+    def stream_of(self, event: dict[str, Any]) -> str:
+        return self.streams.get(event.get("descriptor", ""), "primary")
 
     def _percent(self, key: str) -> str:
         value = self.data.get(key)
@@ -140,9 +161,8 @@ def _once(args: argparse.Namespace, out: TextIO) -> int:
     if args.snapshot:
         snapshot = fetch_snapshot(args.snapshot, token=args.token, server_public_key=args.server_key,
                                   timeout_s=5.0 if args.timeout is None else args.timeout)
-        for name, doc in snapshot.items():
-            if doc is not None:
-                view.update(name, doc)
+        for name, doc in snapshot:
+            view.update(name, doc)
         if view.start is None:
             out.write("no run has started on this publisher yet\n")
             return 1
@@ -163,14 +183,14 @@ def _once(args: argparse.Namespace, out: TextIO) -> int:
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = sys.stdout if out is None else out
+    _credentials(args)
     if args.once:
         return _once(args, out)
     view, display = RunView(), Display(out)
     with TelemetrySubscriber(args.address, server_public_key=args.server_key, timeout_s=args.timeout) as sub:
         if args.snapshot:  # catch up at once instead of waiting for the next document
-            for name, doc in sub.snapshot(args.snapshot, token=args.token).items():
-                if doc is not None:
-                    view.update(name, doc)
+            for name, doc in sub.snapshot(args.snapshot, token=args.token):
+                view.update(name, doc)
             if view.start is not None:
                 display.say(view.header())
             if view.stop is not None:  # the run is already over
@@ -192,7 +212,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 if is_new_run:
                     display.say(view.header())
                 elif name == "event":
-                    display.show(view, force=doc["data"].get("kind") == "eval")
+                    display.show(view, force=view.stream_of(doc) == "eval")
                 elif name == "stop":
                     display.show(view, force=True)
                     display.say(view.outcome())

@@ -124,6 +124,10 @@ def submit_from_args(args: Any, overrides: dict[str, Any]) -> int:
     if reply["error"]:
         print(f"hil train: the run failed on {reply['host']}: {reply['error']}; records: {path}", file=sys.stderr)
         return 1
+    if result.get("test_accuracy") is None:  # stopped before its first evaluation (Summary says None, not NaN)
+        print(f"stopped before the first evaluation, {result['samples_per_second']:.1f} samples/s; run: {path}",
+              flush=True)
+        return 0
     print(f"final test accuracy {100 * result['test_accuracy']:.2f} % after {result['epochs']} epochs (best "
           f"{100 * result['best_test_accuracy']:.2f} %), {result['samples_per_second']:.0f} samples/s; run: {path}",
           flush=True)

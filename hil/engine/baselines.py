@@ -87,7 +87,7 @@ class BackpropLearner:
 
     Uses ``model.sizes``, skips, activation, bias and init; the recurrent settings (gamma, feedback, dt, nudge)
     have no feedforward meaning and are ignored. From ``rule``: ``lr`` (one per edge, a layer's bias at the rate
-    of the chain edge feeding it) and ``optimizer``. ``y`` is one-hot (batch, n_out) throughout.
+    of the chain edge feeding it), ``optimizer`` and ``lr_half_life``. ``y`` is one-hot (batch, n_out) throughout.
     """
 
     def __init__(self, model: NetworkConfig, rule: RuleConfig, *, seed: int = 0, loss: Loss = "cross_entropy") -> None:
@@ -103,7 +103,8 @@ class BackpropLearner:
         lrs = rule.edge_lrs(len(self.net.edges))
         rates = {f"W{e}": lrs[e] for e in range(len(lrs))}
         rates.update({f"b{k}": lrs[k - 1] for k in range(1, len(model.sizes))})
-        groups = [{"params": [p], "lr": rates[n]} for n, p in self.net.params.items() if p.requires_grad]
+        groups = [{"params": [p], "lr": rates[n], "base_lr": rates[n]} for n, p in self.net.params.items() if p.requires_grad]
+        self.half_life, self.samples_seen = rule.lr_half_life, 0
         if any(not r > 0 for r in rates.values()):
             raise ValueRangeError(f"backprop learning rates must be > 0, got {lrs}")
         self.optim = torch.optim.Adam(groups) if rule.optimizer == "adam" else torch.optim.SGD(groups)
@@ -121,7 +122,11 @@ class BackpropLearner:
         loss, pred = self._loss_and_pred(x, y)
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
+        if self.half_life:  # the rate schedule of RuleConfig.lr_half_life, as for the EP rules
+            for group in self.optim.param_groups:
+                group["lr"] = group["base_lr"] * 0.5 ** (self.samples_seen / self.half_life)
         self.optim.step()
+        self.samples_seen += x.shape[0]
         return BatchResult(float(loss.detach()), int((pred == y.argmax(dim=1)).sum()), pred)
 
     @torch.no_grad()
@@ -143,10 +148,12 @@ class BackpropLearner:
                 mine[name].copy_(value)
 
     def state_dict(self) -> dict:
-        return {"optimizer": copy.deepcopy(self.optim.state_dict())}  # a snapshot, not live references
+        # a snapshot, not live references
+        return {"optimizer": copy.deepcopy(self.optim.state_dict()), "samples_seen": self.samples_seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.optim.load_state_dict(state["optimizer"])
+        self.samples_seen = int(state.get("samples_seen", 0))
 
 
 def _accuracy(learner: BackpropLearner, x: torch.Tensor, y: torch.Tensor, n_classes: int, chunk: int = 4096) -> float:

@@ -78,10 +78,12 @@ class BPTTLearner(Learner):
 
     def train_batch(self, x: torch.Tensor, y: torch.Tensor) -> BatchResult:
         """x (batch, n_0); y one-hot (batch, n_out). Loss and accuracy are those of the free phase before the update."""
+        x, y = self._to_net(x), self._to_net(y)
         grads, loss, pred = self.gradient(x, y)
         with torch.no_grad():
             self.apply({k: -g for k, g in grads.items()})
-        return BatchResult(float(loss.mean()), int((pred == y.argmax(dim=1)).sum()), pred)
+        self.samples_seen += x.shape[0]
+        return BatchResult(float(loss.mean()), int((pred == y.argmax(dim=1)).sum()), pred.cpu())
 
 
 # --------------------------------------------------------------------------------------------- the oracle

@@ -186,11 +186,21 @@ def plot_curves(report: GduReport, path: str, *, per_panel: int = 3) -> str:
         info = report.layers.get(name) or report.neurons.get(name)
         ax.set_title(f"{name}: angle {info['angle_deg']:.1f} deg", fontsize=9)
         ax.set_xlabel("nudged step t")
+        ax.set_ylabel("per-step change (neurons)" if name in report.neurons else "per-step update")
     for ax in axes[len(names):]:
         ax.set_visible(False)
+    from matplotlib.lines import Line2D
+
+    st = report.settings
+    rule = "EP" if st.get("rule") == "ep" else "C-EP"
+    axes[0].legend(handles=[Line2D([], [], color="k", lw=1.5, label=f"{rule} update"),
+                            Line2D([], [], color="k", lw=1.5, ls="--", label="-BPTT gradient")],
+                   fontsize=7, loc="best", title=f"{per_panel} largest components", title_fontsize=7)
+    sizes = "-".join(map(str, st.get("sizes", [])))
     fig.suptitle(
-        f"solid: update, dashed: -BPTT gradient   (beta {report.settings['beta']}, "
-        f"eta/beta {report.settings['eta_over_beta']:.3g}, overall angle {report.angle_deg:.2f} deg)",
+        f"GDU check {st.get('preset', '')} {sizes} {st.get('activation', '')}: {rule} updates vs -BPTT gradients\n"
+        f"beta {st['beta']}, eta/beta {st['eta_over_beta']:.3g}, T1 {st.get('t1')}, T2 {st.get('t2')}, "
+        f"seed {st.get('seed')}; overall angle {report.angle_deg:.2f} deg",
         fontsize=9,
     )
     return str(save_figure(fig, path))

@@ -8,9 +8,25 @@ from eqprop_hil.config import ConfigError, RunConfig
 from eqprop_hil.engine.model import Network
 
 
+def check_device(device: str) -> None:
+    """Refuse a CUDA device that this torch cannot use, before anything is built (a clear error, not a crash
+    half-way through the first batch)."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device = {device!r} but this torch has no usable CUDA device "
+                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); "
+                              "use device = 'cpu' or install a CUDA build of torch on a machine with a GPU")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device = {device!r} but torch sees {torch.cuda.device_count()} CUDA device(s)")
+
+
 def build_learner(cfg: RunConfig) -> Any:
     """The learner for ``cfg`` on the software engine (``instrument.resource == "software"``)."""
     rule, seed = cfg.rule.name, cfg.train.seed
+    check_device(cfg.train.device)
     if rule == "bp":
         from eqprop_hil.engine.baselines import BackpropLearner
 

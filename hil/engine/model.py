@@ -124,7 +124,7 @@ class Network:
         if config.readout == "softmax":
             n_top, n_out = self.sizes[-1], config.sizes[-1]
             self.Wf = self._init((n_out, n_top), n_top, gen)
-            self.bf = self._init((n_out,), n_top, gen) if config.bias else torch.zeros(n_out, dtype=dtype)
+            self.bf = self._init((n_out,), n_top, gen) if config.bias else torch.zeros(n_out, dtype=dtype, device=self.device)
         # Per layer: incoming edges (e, src) and outgoing edges with feedback (e, dst).
         self.into = [[(e, i) for e, (i, j) in enumerate(self.edges) if j == k] for k in range(len(self.sizes))]
         self.back = [[(e, j) for e, (i, j) in enumerate(self.edges) if i == k and k >= 1] for k in range(len(self.sizes))]

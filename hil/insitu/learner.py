@@ -121,6 +121,9 @@ class InSituLearner:
             self.cfg = cfg
         self.net = Network(cfg.model, seed=cfg.train.seed, dtype=torch.float64)  # initial weights, conventions
         self._check_topology(array.topology())
+        if self.mode == "local" and self.rule.lr_half_life:
+            raise ConfigError("rule.lr_half_life changes the rates at every sample, which the board's own rule "
+                              "cannot follow in local mode; use train.lr_final (a per-epoch schedule) instead")
         if self.mode == "local" and self.rule.name == "ep":
             raise ConfigError("update_mode 'local' applies updates during the nudged phase: use rule cep or cvf")
         self.matrices = [(e, False) for e in range(len(self.net.edges))] + [
@@ -341,13 +344,20 @@ class InSituLearner:
         return self._compound_once(first, step=step, steps=steps)
 
     # ------------------------------------------------------------------ increments -> pulses (hil/insitu/pulses.py)
+    def _decay(self) -> float:
+        """rule.lr_half_life's smooth decay, as the software engine applies it (per training sample)."""
+        half_life = self.rule.lr_half_life
+        return 0.5 ** (self.samples_seen / half_life) if half_life else 1.0
+
     def _commands(self, s: list[np.ndarray], s_new: list[np.ndarray], beta: float, step: int) -> list[dict]:
         feedback = [self.net.B[e] is not None for e in range(len(self.net.edges))]
-        inc = pulses.continual_increments(self.rule.name, self.net.edges, feedback, self.eta, s, s_new, beta)
+        eta = [v * self._decay() for v in self.eta]
+        inc = pulses.continual_increments(self.rule.name, self.net.edges, feedback, eta, s, s_new, beta)
         return self.encoder.commands(inc, sample=self.samples_seen, step=step)
 
     def _ep_commands(self, s0: list[np.ndarray], sb: list[np.ndarray], beta: float) -> list[dict]:
-        lrs = [self.rate_scale * lr / self.cfg.train.batch_size for lr in self.rule.edge_lrs(len(self.net.edges))]
+        lrs = [self._decay() * self.rate_scale * lr / self.cfg.train.batch_size
+               for lr in self.rule.edge_lrs(len(self.net.edges))]
         inc = pulses.ep_increments(self.net.edges, lrs, s0, sb, beta)
         return self.encoder.commands(inc, sample=self.samples_seen, step=self.rule.t2)
 
