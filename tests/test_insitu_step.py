@@ -105,3 +105,35 @@ def test_outer_mode_sends_a_matrix_once_per_compound_step(tmp_path) -> None:
     # C-EP's two rank-1 terms per matrix: the second one of a matrix travels as a plain outer command first
     assert any(r["mode"] == "outer" for r in begun)
     assert one["executed"] == len([r for r in one["journal"] if r["state"] == "done"])
+
+
+def test_rate_schedule_reaches_the_board_as_it_reaches_the_software_engine(tmp_path) -> None:
+    """train.lr_final's per-epoch factor (set by the loop through set_rate_scale) in local mode: the board gets
+    the scaled rates, and with ideal devices its weights follow the software engine at the same factor."""
+    from eqprop_hil.engine.learners import build_learner
+    from eqprop_hil.insitu.learner import open_insitu
+
+    resource = f"sim://analog?sizes={SIZES}&device=ideal&seed=3"
+    over = {"model": {"sizes": [64, 24, 10]}, "rule": {"t1": 20, "t2": T2, "lr": [0.004, 0.002]},
+            "train": {"batch_size": 1, "data_limit": 40, "epochs": 1}}
+    cfg = resolve("digits-hw", overrides={**over, "instrument": {"resource": resource, "update_mode": "local",
+                                                                 "weight_range": 4.0}})
+    sw = build_learner(resolve("digits-hw", overrides={**over, "instrument": {"resource": "software"}}))
+    hw = open_insitu(cfg, RunDir.create(tmp_path / "run", cfg.to_dict()))
+    try:
+        for learner in (sw, hw):
+            learner.set_rate_scale(0.25)
+        start = [hw.array.read_weights(e).copy() for e in range(2)]
+        data = prepare_data(cfg)
+        for n, (_, x, y) in enumerate(data.batches(1, epoch=0, seed=cfg.train.seed)):
+            if n == SAMPLES:
+                break
+            yy = F.one_hot(y, 10).to(x.dtype)
+            sw.train_batch(x, yy)
+            hw.train_batch(x, yy)
+        for e in range(2):
+            w_sw, w_hw = sw.net.W[e].numpy(), hw.array.read_weights(e)
+            assert np.max(np.abs(w_sw - w_hw)) < 2e-5  # float32 round-off, as in tests/test_insitu.py
+            assert np.max(np.abs(w_hw - start[e])) > 1e-4  # and the weights did move
+    finally:
+        hw.close()
