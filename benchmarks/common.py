@@ -50,6 +50,19 @@ def _public_methods(obj: Any) -> list[str]:
     return names
 
 
+def _wire_readings(obj: Any) -> list[str]:
+    """Public data descriptors of ``obj``'s class other than Python properties: readings that go to the wire."""
+    names = []
+    for name in dir(type(obj)):
+        if name.startswith("_"):
+            continue
+        attr = next((vars(k)[name] for k in type(obj).__mro__ if name in vars(k)), None)
+        if attr is not None and not isinstance(attr, property) and hasattr(attr, "__get__") \
+                and hasattr(attr, "__set__"):
+            names.append(name)
+    return names
+
+
 def timed(target: Any, clock: Clock, prefix: str = "") -> Any:
     """A proxy of ``target`` whose public methods are timed into ``clock`` (key ``prefix + method name``).
 
@@ -69,7 +82,20 @@ def timed(target: Any, clock: Clock, prefix: str = "") -> Any:
         method.__name__ = name
         return method
 
+    def reading(name: str) -> property:
+        def get(self: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return getattr(target, name)
+            finally:
+                clock.add(prefix + name, time.perf_counter() - t0)
+
+        return property(get, lambda self, value: setattr(target, name, value))
+
     namespace: dict[str, Any] = {name: make(name) for name in _public_methods(target)}
+    # Readings declared as descriptors (SCPI properties such as ``boot_count``: a query on the wire each time)
+    # are timed too; plain attributes and Python properties (``stats``, ``limits``) are read through.
+    namespace.update({name: reading(name) for name in _wire_readings(target)})
     namespace["__getattr__"] = lambda self, name: getattr(target, name)
     namespace["__enter__"] = lambda self: self
     namespace["__exit__"] = lambda self, *exc: target.__exit__(*exc)

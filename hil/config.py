@@ -45,6 +45,9 @@ class TrainConfig:
     # machine 2 threads ran 2-5x slower than 1 (issue 12). Raise it for large batches or a dedicated machine.
     threads: int = 1
     checkpoint_every: int = 0  # also checkpoint every N training samples within an epoch (0 = at epoch ends only)
+    # Learning-rate schedule: the rates of the last epoch as a fraction of rule.lr, linear per epoch in between
+    # (1 = constant). Per-sample (batch 1) updates are noisy; decaying them lets the last epoch settle.
+    lr_final: float = 1.0
 
     def __post_init__(self) -> None:
         for key, value, least in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
@@ -56,6 +59,14 @@ class TrainConfig:
             raise ConfigError(f"train.threads = {self.threads}: must be >= 0 (0 = one per core)")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"train.device = {self.device!r}: must be 'cpu', 'cuda' or 'cuda:N'")
+        if not 0.0 <= self.lr_final <= 1.0:
+            raise ConfigError(f"train.lr_final = {self.lr_final!r}: a fraction of the rates, in [0, 1]")
+
+    def rate_scale(self, epoch: int) -> float:
+        """The factor on every learning rate during ``epoch`` (0-based): 1 at the first, ``lr_final`` at the last."""
+        if self.epochs == 1:
+            return 1.0
+        return 1.0 - (1.0 - self.lr_final) * min(epoch, self.epochs - 1) / (self.epochs - 1)
 
 
 @dataclass

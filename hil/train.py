@@ -165,6 +165,9 @@ def train(
                 total=data.n_train, initial=cursor.position, disable=not progress, leave=False, unit="sample",
                 desc=f"epoch {cursor.epoch + 1}/{tcfg.epochs}", dynamic_ncols=True,
             )
+            set_rate_scale = getattr(learner, "set_rate_scale", None)
+            if set_rate_scale is not None:  # the rate schedule (train.lr_final), also right after a resume
+                set_rate_scale(tcfg.rate_scale(cursor.epoch))
             t0 = time.perf_counter()
             for pos, x, y in data.batches(tcfg.batch_size, epoch=cursor.epoch, seed=tcfg.seed, start=cursor.position):
                 r = learner.train_batch(x, F.one_hot(y, data.n_classes).to(x.dtype))

@@ -14,6 +14,11 @@ The query keys are those of ``ArrayConfig.from_query`` (the physics), the ``faul
 checked: a misspelt one raises :class:`ValueRangeError` naming it rather than being silently ignored.
 ``link_rate`` is in bytes per second; ``sizes`` defaults to :data:`DEFAULT_SIZES`; the faults take the
 physics' ``seed`` unless ``fault_seed`` is given.
+
+``process=own`` (either kind) runs the emulator in a process of its own instead of a server thread of the
+caller's: the emulator's physics and the controller then no longer share one interpreter lock, which is what a
+real instrument looks like to the host (benchmarks/hil.py measures both). It still listens on loopback (or its
+pty), and it stops when the caller stops it, closes the pipe it was started with, or dies.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import json
+import select
+import signal
+import subprocess
+import sys
 
 from eqprop_hil.mock_instruments.faults import QUERY_PREFIX, FaultConfig
 from eqprop_hil.protocols.errors import ValueRangeError
@@ -37,6 +48,11 @@ SERVER_KEYS: dict[str, tuple[str, ...]] = {
     "analog": ("serial",),
     "fpga": ("transport", "link_rate", "serial"),
 }
+
+# Where the emulator runs: a server thread of the caller's process (default) or a process of its own.
+PROCESS_KEY = "process"
+PROCESS_VALUES = ("thread", "own")
+CHILD_START_TIMEOUT_S = 60.0  # a cold start imports numpy and the physics: seconds on a busy machine
 
 # The network an emulator is wired as when the settings name none: the 8x8 digits default of ``hil train``.
 DEFAULT_SIZES = "64,256,10"
@@ -76,7 +92,26 @@ def parse_sim_url(url: str) -> tuple[Kind, Any, FaultConfig, dict[str, Any]]:
         if key in params:
             raise ValueRangeError(f"query key {key!r} given twice in {url!r}")
         params[key] = value
+    where = params.pop(PROCESS_KEY, "thread")  # where it runs, not what it is (see open_sim)
+    if where not in PROCESS_VALUES:
+        raise ValueRangeError(f"{PROCESS_KEY}={where!r}: use {' or '.join(PROCESS_VALUES)}")
     return parse_params(kind, params)  # type: ignore[arg-type]
+
+
+def split_process(url: str) -> tuple[str, str]:
+    """``(url without the process key, "thread" | "own")``; the URL itself is checked by :func:`parse_sim_url`."""
+    parts = urlsplit(url.strip())
+    try:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return url, "thread"  # parse_sim_url reports the malformed query
+    where = [v for k, v in pairs if k == PROCESS_KEY]
+    if len(where) > 1:
+        raise ValueRangeError(f"query key {PROCESS_KEY!r} given twice in {url!r}")
+    if where and where[0] not in PROCESS_VALUES:
+        raise ValueRangeError(f"{PROCESS_KEY}={where[0]!r}: use {' or '.join(PROCESS_VALUES)}")
+    rest = urlencode([(k, v) for k, v in pairs if k != PROCESS_KEY])
+    return parts._replace(query=rest).geturl(), (where[0] if where else "thread")
 
 
 def parse_params(kind: Kind, params: Mapping[str, str]) -> tuple[Kind, Any, FaultConfig, dict[str, Any]]:
@@ -202,10 +237,105 @@ def start_parsed(
     return Emulator(kind, server, physics, resource, faults)
 
 
-def open_sim(url: str, token: str | None = None) -> Emulator:
+def open_sim(url: str, token: str | None = None) -> "Emulator | ChildEmulator":
     """Entry point of the ``sim`` scheme (group ``eqprop_hil.schemes``): start on loopback, return the emulator.
 
     The caller connects to ``.resource`` with the real driver and calls ``.stop()`` when done. ``open_array``
-    passes its ``token=`` here, so the emulator requires the token the driver gives.
+    passes its ``token=`` here, so the emulator requires the token the driver gives. ``process=own``: in a
+    process of its own (:class:`ChildEmulator`).
     """
+    url, where = split_process(url)
+    if where == "own":
+        return start_child(url, token=token)
     return start_emulator(url, token=token)
+
+
+class ChildEmulator:
+    """An emulator serving from a process of its own (``process=own``); the same ``resource`` / ``stop()`` /
+    ``running`` as :class:`Emulator`, without in-process access to its physics.
+
+    The child reads its settings from a pipe (the token never appears on a command line), ignores the terminal's
+    Ctrl-C (the trainer's first Ctrl-C must still reach a live instrument to leave it safe) and serves until the
+    pipe closes: :meth:`stop`, or the death of the process that started it, ends it.
+    """
+
+    def __init__(self, kind: str, proc: subprocess.Popen, resource: str) -> None:
+        self.kind, self.proc, self.resource = kind, proc, resource
+        self.physics = None  # in another process: reach it through the driver, as a real instrument
+        self._stopped = False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Close the pipe (the child stops serving and exits), wait for it; kill it if it does not exit."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            self.proc.wait(timeout=timeout_s)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+    @property
+    def running(self) -> bool:
+        return not self._stopped and self.proc.poll() is None
+
+    def __enter__(self) -> "ChildEmulator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<ChildEmulator {self.kind} {self.resource!r} pid {self.proc.pid} {'running' if self.running else 'stopped'}>"
+
+
+def start_child(url: str, token: str | None = None, timeout_s: float = CHILD_START_TIMEOUT_S) -> ChildEmulator:
+    """Start the emulator ``url`` describes in a process of its own (on loopback or a pty) and return once it
+    serves. The URL is checked here first, so a bad one fails with the same message as in-process."""
+    kind, _, _, _ = parse_sim_url(url)
+    proc = subprocess.Popen([sys.executable, "-m", "eqprop_hil.mock_instruments.launch"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write((json.dumps({"url": url, "token": token}) + "\n").encode())
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+        line = proc.stdout.readline().decode(errors="replace").strip() if ready else ""
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if not line.startswith("OK "):
+        proc.kill()
+        proc.wait()
+        why = line.removeprefix("ERR ") if line else f"no answer within {timeout_s:g} s (exit code {proc.returncode})"
+        raise ValueRangeError(f"cannot start the {kind} emulator in its own process: {why}")
+    return ChildEmulator(kind, proc, line[3:])
+
+
+def _child_main() -> int:
+    """The child of :func:`start_child`: settings from stdin, ``OK <resource>`` (or ``ERR <why>``) on stdout,
+    serve until stdin closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    request = json.loads(sys.stdin.readline())
+    try:
+        emulator = start_emulator(request["url"], token=request.get("token"))
+    except Exception as e:  # reported to the parent, which raises it as its own error
+        print(f"ERR {type(e).__name__}: {e}".replace("\n", " "), flush=True)
+        return 1
+    try:
+        print(f"OK {emulator.resource}", flush=True)
+        while sys.stdin.buffer.read(4096):  # the lifeline: EOF when the parent stops us or dies
+            pass
+    finally:
+        emulator.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

@@ -35,23 +35,23 @@ def test_link_quick_prints_tables_and_writes_json(tmp_path, capsys):
 
 def test_hil_quick_prints_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "hil.json"
-    hil_bench.main(["--quick", "--modes", "local", "--out", str(out)])
+    hil_bench.main(["--quick", "--modes", "local", "--process", "thread", "--out", str(out)])
     text = capsys.readouterr().out
-    assert "In-situ C-EP training speed" in text and "ctrl us/step" in text
+    assert "In-situ C-EP training speed" in text and "ctrl us/step" in text and "x sw b1" in text
     data = json.loads(out.read_text())
     assert data["modes"] == ["local"] and data["samples"] == 10
     results = data["results"]
-    assert set(results) == {"software b20", "software b1", "analog/tcp local", "fpga/pty local"}
-    for key in ("analog/tcp local", "fpga/pty local"):
+    assert set(results) == {"software b20", "software b1", "analog/tcp (thread) local", "fpga/pty (thread) local"}
+    for key in ("analog/tcp (thread) local", "fpga/pty (thread) local"):
         r = results[key]
-        for field in ("samples_per_s", "link_ms_per_sample", "controller_ms_per_sample", "bytes_sent_per_sample",
-                      "bytes_received_per_sample", "round_trips_per_sample"):
+        for field in ("samples_per_s", "ratio_to_software_b1", "link_ms_per_sample", "controller_ms_per_sample",
+                      "bytes_sent_per_sample", "bytes_received_per_sample", "round_trips_per_sample"):
             assert field in r
     # local mode: one sample command per training sample; the analog board adds its reboot check (SYST:BOOT?,
     # which the FPGA gets for free in every response header) and that query's error-queue read
-    assert results["fpga/pty local"]["round_trips_per_sample"] == 1
-    assert results["analog/tcp local"]["round_trips_per_sample"] == 3
-    for key in ("analog/tcp local", "fpga/pty local"):
+    assert results["fpga/pty (thread) local"]["round_trips_per_sample"] == 1
+    assert results["analog/tcp (thread) local"]["round_trips_per_sample"] == 3
+    for key in ("analog/tcp (thread) local", "fpga/pty (thread) local"):
         r = results[key]
         assert r["samples"] == 10
 

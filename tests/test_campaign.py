@@ -40,8 +40,8 @@ from eqprop_hil.mock_instruments.devices import DeviceConfig
 SIZES = [64, 16, 10]
 SAMPLES = 30
 TIMEOUT_S = 0.15  # short, so that dropped replies cost little; delayed replies wait longer than this
-RATES = {"corrupt": 0.01, "drop": 0.005, "truncate": 0.005, "delay": 0.005, "close": 0.005, "busy": 0.01,
-         "power_cycle": 0.004, "corrupt_request": 0.01}
+RATES = {"corrupt": 0.01, "drop": 0.005, "truncate": 0.01, "delay": 0.005, "close": 0.005, "busy": 0.01,
+         "power_cycle": 0.01, "corrupt_request": 0.01}  # compound steps: a third of the messages per sample
 RESULTS: list[dict] = []
 WEIGHT_ULPS = 4
 
@@ -69,6 +69,10 @@ def _fault_counts(server) -> dict[str, int]:
 
 
 def _executed(server) -> int:
+    """The board's own count of executed pulse commands (what PULS:COUN? / COUNTERS report): a compound step
+    applies several matrices as ONE pulse command, so the analog physics' per-matrix count is not it."""
+    if isinstance(server, AnalogServer):
+        return int(server.counters["pulse_commands"])
     c = server.physics.counters
     return int(c.get("pulse_commands", 0)) + int(c.get("outer_commands", 0))
 

@@ -88,8 +88,8 @@ def test_a_non_finite_increment_never_becomes_a_pulse(tmp_path) -> None:
         s = [np.zeros(n) for n in (64, 16, 10)]
         s_new = [np.ones(n) for n in (64, 16, 10)]
         s_new[1][3] = np.nan  # what a broken readout would hand the learner
-        with pytest.raises(LinkError, match="non-finite increment"):
-            learner._update(learner._continual_increments(s, s_new, 0.2), step=0)
+        with pytest.raises(LinkError, match="non-finite states"):
+            learner._commands(s, s_new, 0.2, 0)
         assert learner.guard.executed() == before
         assert learner.journal.stats()["begun"] == 0
     finally:

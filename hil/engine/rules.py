@@ -104,12 +104,20 @@ class LearnerBase:
         # A layer's bias learns at the rate of the chain edge that feeds it.
         self.lr.update({f"b{k}": lrs[k - 1] for k in range(1, len(net.sizes))})
         self.lr.update({"Wf": config.lr_readout, "bf": config.lr_readout})
+        self.base_lr = dict(self.lr)
         params = net.parameters()
         if config.name not in CONTINUAL and config.optimizer == "adam":
             groups = [{"params": [p], "lr": self.lr[name], "name": name} for name, p in params.items()]
             self.optim: torch.optim.Optimizer | None = torch.optim.Adam(groups)
         else:
             self.optim = None
+
+    def set_rate_scale(self, factor: float) -> None:
+        """Every rate at ``factor`` times its configured value (the loop's schedule, train.lr_final)."""
+        self.lr = {k: v * factor for k, v in self.base_lr.items()}
+        if self.optim is not None:
+            for group in self.optim.param_groups:
+                group["lr"] = self.lr[group["name"]]
 
     def draw_beta(self) -> float:
         if self.cfg.beta_sign == "random" and torch.rand((), generator=self.gen) < 0.5:

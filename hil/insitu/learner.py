@@ -10,15 +10,20 @@ of three modes (ARCHITECTURE.md "Update modes"):
 - ``local``: the instrument applies the rule itself during the nudged phase; one round trip per sample where the
   instrument offers :class:`SampleRunner`.
 
+Where the instrument offers :class:`StepRunner`, a nudged step is one round trip: the previous step's pulses, one
+step of the dynamics and every layer's state travel in one compound command (target-mode nudge: the board adds
+``beta (y - o_t)`` itself). Otherwise the step is driven piece by piece (nudge current, settle, read, pulses).
+The increments and their encoding as pulses live in hil/insitu/pulses.py.
+
 Hardware is batch 1: a minibatch of ``B`` is processed sample by sample with the per-step rate ``eta / B``, so
-that the sum over a minibatch matches the batch-mean update of the software engine to first order.
+that the sum over a minibatch matches the batch-mean update of the software engine to first order (the
+hardware presets use ``batch_size = 1``, so that the software engine runs the very same per-sample rule).
 Every pulse command is journaled (write-ahead) before it is sent and marked done on acknowledgement.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import signal
@@ -28,11 +33,12 @@ import numpy as np
 import torch
 
 from eqprop_hil.drivers.errors import LinkError
-from eqprop_hil.drivers.interface import NeuronArray, SampleRunner
+from eqprop_hil.drivers.interface import NeuronArray, SampleRunner, StepRunner
 from eqprop_hil.drivers.limits import Limits
 from eqprop_hil.insitu.calibration import Calibration, CalibrationError, EdgeCalibration
 from eqprop_hil.config import ConfigError, RunConfig
 from eqprop_hil.insitu.journal import PulseJournal
+from eqprop_hil.insitu import pulses
 from eqprop_hil.engine.model import Network
 from eqprop_hil.insitu.recovery import Guard, GuardedArray, RedoSample, RollBack, board_instance, entries_since
 from eqprop_hil.engine.rules import BatchResult
@@ -92,13 +98,9 @@ class InSituLearner:
 
     def __init__(self, cfg: RunConfig, array: NeuronArray, calibration: Calibration | None, journal: PulseJournal,
                  *, resume: bool = False, program_initial: bool = True) -> None:
-        self.cfg, self.array, self.journal = cfg, array, journal
+        self.cfg, self.journal = cfg, journal
         self.guard = Guard(array, journal)
-        self.dev = GuardedArray(array, self.guard)  # what the sample loop drives: retried, or redone on a fault
-        self._runner = isinstance(array, SampleRunner)
-        # The analog board counts LEARn:SAMPle? in its executed pulse commands; the FPGA's TRAIN_SAMPLE is not
-        # counted (protocols/fpga_serial.md: only pulse, outer, STEP and APPLY_SPARSE commands are).
-        self._local_counted = self._runner and hasattr(array, "pulse_commands_executed")
+        self.attach(array)
         self._applied: list[tuple[int, dict]] = []  # pulse commands of the sample in progress known to have run
         self._ckpt_params: dict | None = None
         self._ckpt_ids: list[int] = []  # journal positions of the kept checkpoints (compaction keeps after the older)
@@ -126,6 +128,9 @@ class InSituLearner:
                               f"{list(topo['sizes'])}; start the emulator with matching options or change [model]")
         self.net = Network(cfg.model, seed=cfg.train.seed, dtype=torch.float64)  # initial weights, conventions
         self._check_topology(topo)
+        if self.mode == "local" and self.rule.lr_half_life:
+            raise ConfigError("rule.lr_half_life changes the rates at every sample, which the board's own rule "
+                              "cannot follow in local mode; use train.lr_final (a per-epoch schedule) instead")
         if self.mode == "local" and self.rule.name == "ep":
             raise ConfigError("update_mode 'local' applies updates during the nudged phase: use rule cep or cvf")
         self.matrices = [(e, False) for e in range(len(self.net.edges))] + [
@@ -139,11 +144,13 @@ class InSituLearner:
         # With feedback gain g < 1 the error reaching a layer below the output is scaled by g per feedback hop:
         # dividing those edges' rates by g restores the learning speed (REFERENCE.md section 9).
         self.eta = [eta / self.lr_gain ** (top - j) for eta, (_, j) in zip(self.eta, self.net.edges)]
+        self.base_eta, self.rate_scale = list(self.eta), 1.0
         self.cap = cfg.instrument.limits.max_pulses_per_device
         self.samples_seen = 0
         self.counters = {"pulses_sent": 0, "pulse_commands": 0, "clipped": 0}
         self.transimpedance = float(array.describe().get("transimpedance_ohms", 1e4))
         self._steps: dict[tuple[int, bool], tuple[Any, Any]] = {}
+        self.encoder: pulses.PulseEncoder | None = None  # built by _setup from the calibrated step sizes
         # Program the initial weights even on resume when there is no checkpoint: replaying from the start needs
         # them. A reboot during the set-up loses the volatile settings: set up again until the boot is stable.
         self.guard.boot = self.guard.read_boot()
@@ -188,6 +195,18 @@ class InSituLearner:
                               f" us per step, measured), more than half of instrument.timeout_s = "
                               f"{self.cfg.instrument.timeout_s:g} s: lower {key} or raise instrument.timeout_s")
 
+    def attach(self, array: Any) -> None:
+        """Drive ``array`` from now on (at construction; a benchmark attaches a timing proxy of the same driver):
+        the recovery layer and the sample loop both go through it."""
+        self.array = array
+        self.guard.array = array
+        self.dev = GuardedArray(array, self.guard)  # what the sample loop drives: retried, or redone on a fault
+        self._runner = isinstance(array, SampleRunner)
+        self._stepper = isinstance(array, StepRunner)
+        # The analog board counts LEARn:SAMPle? in its executed pulse commands; the FPGA's TRAIN_SAMPLE is not
+        # counted (protocols/fpga_serial.md: only pulse, outer, STEP and APPLY_SPARSE commands are).
+        self._local_counted = self._runner and hasattr(array, "pulse_commands_executed")
+
     def _with_recommended_gain(self, cfg: RunConfig, calibration: Calibration | None) -> RunConfig:
         if calibration is None or calibration.recommended_gain is None:
             raise ConfigError("use_recommended_gain needs a calibration file with a recommended gain (hil calibrate)")
@@ -229,6 +248,10 @@ class InSituLearner:
                 a.set_weight_scale(e, c.scale)
             shape = tuple(self._weights_sw(e, fb).shape)
             self._steps[(e, fb)] = c.step_arrays(shape)
+        if self.mode != "local":
+            self.encoder = pulses.PulseEncoder(self.mode, self._steps, cap=self.cap,
+                                               bit_length=self.cfg.instrument.bit_length, seed=self.cfg.train.seed,
+                                               counters=self.counters)
         if self.mode == "local":
             a.set_local_learning(True, eta=self.eta, beta=abs(self.rule.beta))
         if program:
@@ -297,6 +320,13 @@ class InSituLearner:
         """Explicit current nudge: I = beta (y - o_t) / R, so the board adds R I = beta (y - o_t) volts."""
         self.dev.set_nudge_current(beta * (y - o) / self.transimpedance)
 
+    def _target_nudge(self, beta: float) -> bool:
+        """Whether the board may apply the nudge itself (target mode, ``beta (y - o_t)`` at every step): a
+        positive beta, and the largest current it can amount to, ``beta * 2 V / R`` (outputs and targets lie
+        within +-1 V), within the nudge limit. Otherwise the host sends each step's current, checked."""
+        worst = abs(beta) * 2.0 / self.transimpedance
+        return beta > 0 and worst <= self.array.limits.max_nudge_amperes
+
     def _sample(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Train on one sample; returns the free-phase output (volts)."""
         beta = self._beta()
@@ -311,6 +341,8 @@ class InSituLearner:
             self.dev.nudge_off()
             self.dev.set_phase("HOLD")
             return out
+        if self._stepper:
+            return self._sample_compound(x, y, beta)
         a = self.dev
         self._drive(x)
         s = a.read_state()
@@ -321,76 +353,124 @@ class InSituLearner:
             a.settle(1)
             s_new = a.read_state()
             if self.rule.name != "ep":
-                self._update(self._continual_increments(s, s_new, beta), step=t)
+                self._send(self._commands(s, s_new, beta, t), step=t)
             s = s_new
         a.nudge_off()
         a.set_phase("HOLD")
         if self.rule.name == "ep":
-            self._update(self._ep_increments(s_free, s, beta), step=self.rule.t2)
+            self._send(self._ep_commands(s_free, s, beta), step=self.rule.t2)
         return s_free[-1]
 
-    # ------------------------------------------------------------------ increments -> pulses
-    def _continual_increments(self, s: list[np.ndarray], s_new: list[np.ndarray], beta: float) -> dict:
-        out = {}
-        for e, (i, j) in enumerate(self.net.edges):
-            c = self.eta[e] / beta
-            if self.rule.name == "cvf":
-                out[(e, False)] = ("outer1", c, s_new[j] - s[j], s[i])
-                if self.net.B[e] is not None:
-                    out[(e, True)] = ("outer1", c, s_new[i] - s[i], s[j])
-            else:
-                # s'_j s'_i^T - s_j s_i^T = (s'_j - s_j) s'_i^T + s_j (s'_i - s_i)^T: two rank-1 terms of
-                # *small* vectors, so outer mode fires few pulses instead of two large, mostly cancelling trains.
-                out[(e, False)] = ("outer2", c, (s_new[j] - s[j], s_new[i]), (s[j], s_new[i] - s[i]))
-        return out
+    def _sample_compound(self, x: np.ndarray, y: np.ndarray, beta: float) -> np.ndarray:
+        """:meth:`_sample` with compound steps: nudged step t sends step t-1's pulses, runs one step and reads
+        every state in one round trip. The last step's pulses go with no step of the dynamics. Nothing moves
+        between commands: the next sample's reset (``infer`` starts with one), an evaluation's, or the driver's
+        ``close`` leaves NUDGE and turns the nudge off."""
+        a = self.dev
+        if self._runner:  # reset, clamp, t1 free steps in one round trip; the states stay for the read
+            a.infer(x * self.cfg.instrument.input_volts, self.rule.t1)
+        else:
+            self._drive(x)
+        s = s_free = a.read_state()
+        target = self._target_nudge(beta)
+        if target:
+            a.set_nudge_target(y, beta)
+        a.set_phase("NUDGE")
+        pending: list[dict] = []
+        for t in range(self.rule.t2):
+            if not target:
+                self._nudge(s[-1], y, beta)
+            s_new = self._advance(pending, step=t - 1)
+            pending = self._commands(s, s_new, beta, t) if self.rule.name != "ep" else []
+            s = s_new
+        if self.rule.name == "ep":
+            pending = self._ep_commands(s_free, s, beta)
+        if pending:  # the last step's pulses, and no step of the dynamics
+            self._compound(pending, step=self.rule.t2 - 1 if self.rule.name != "ep" else self.rule.t2, steps=0)
+        return s_free[-1]
 
-    def _ep_increments(self, s0: list[np.ndarray], sb: list[np.ndarray], beta: float) -> dict:
-        lrs = [lr / self.cfg.train.batch_size for lr in self.rule.edge_lrs(len(self.net.edges))]
-        return {(e, False): ("outer2", lrs[e] / beta, (sb[j] - s0[j], sb[i]), (s0[j], sb[i] - s0[i]))
-                for e, (i, j) in enumerate(self.net.edges)}
+    def _advance(self, pending: list[dict], *, step: int) -> list[np.ndarray]:
+        """One step of the dynamics and every layer's state: with ``pending`` pulses in one compound command,
+        without them as a settle and a read (an empty compound step would be a pulse command with no pulses)."""
+        if pending:
+            return self._compound(pending, step=step)
+        self.dev.settle(1)
+        return self.dev.read_state()
 
-    def _dense(self, term: tuple) -> np.ndarray:
-        kind, c, a, b = term
-        if kind == "outer1":
-            return c * np.outer(a, b)
-        return c * (np.outer(*a) + np.outer(*b))
+    def _compound(self, commands: list[dict], *, step: int, steps: int = 1) -> list[np.ndarray]:
+        """:meth:`_compound_once` for ``commands``; a matrix may appear once per compound step, so a second
+        command for it (outer mode's second rank-1 term) goes first on its own, also before the dynamics step."""
+        seen: set[tuple[int, bool]] = set()
+        first, extra = [], []
+        for c in commands:
+            key = (c["edge"], c["feedback"])
+            (extra if key in seen else first).append(c)
+            seen.add(key)
+        self._send(extra, step=step)
+        return self._compound_once(first, step=step, steps=steps)
 
-    def _rng(self, step: int, e: int, fb: bool) -> np.random.Generator:
-        """Counter-based: the rounding noise is a function of (seed, sample, step, matrix), so a resumed run draws
-        exactly what an uninterrupted one would, with no generator state to save."""
-        return np.random.default_rng([self.cfg.train.seed, self.samples_seen, step, e, int(fb)])
+    # ------------------------------------------------------------------ increments -> pulses (hil/insitu/pulses.py)
+    def _decay(self) -> float:
+        """rule.lr_half_life's smooth decay, as the software engine applies it (per training sample)."""
+        half_life = self.rule.lr_half_life
+        return 0.5 ** (self.samples_seen / half_life) if half_life else 1.0
 
-    def _update(self, increments: dict, *, step: int) -> None:
-        commands = []
-        for (e, fb), term in increments.items():
-            if self.mode == "outer":
-                commands.extend(self._outer_commands(e, fb, term))
-                continue
-            inc = self._dense(term)
-            if not np.isfinite(inc).all():
-                raise LinkError(f"sample {self.samples_seen} step {step}: edge {e}{' (feedback)' if fb else ''} has a "
-                                "non-finite increment (NaN or inf from the states read back); nothing was sent")
-            up, down = self._steps[(e, fb)]
-            quanta = np.where(inc >= 0, inc / up, inc / down)
-            floor = np.floor(quanta)
-            counts = floor + (self._rng(step, e, fb).random(inc.shape) < (quanta - floor))
-            clipped = np.abs(counts) > self.cap
-            self.counters["clipped"] += int(clipped.sum())
-            counts = np.clip(counts, -self.cap, self.cap).astype(np.int8)
-            if counts.any():
-                commands.append({"edge": e, "feedback": fb, "mode": "matrix", "counts": counts})
+    def _commands(self, s: list[np.ndarray], s_new: list[np.ndarray], beta: float, step: int) -> list[dict]:
+        feedback = [self.net.B[e] is not None for e in range(len(self.net.edges))]
+        eta = [v * self._decay() for v in self.eta]
+        if not all(np.isfinite(v).all() for v in s_new):  # a non-finite increment never becomes a pulse
+            raise LinkError(f"sample {self.samples_seen} step {step}: non-finite states read back (NaN or inf); "
+                            "no increment computed, nothing sent")
+        inc = pulses.continual_increments(self.rule.name, self.net.edges, feedback, eta, s, s_new, beta)
+        return self.encoder.commands(inc, sample=self.samples_seen, step=step)
+
+    def _ep_commands(self, s0: list[np.ndarray], sb: list[np.ndarray], beta: float) -> list[dict]:
+        lrs = [self._decay() * self.rate_scale * lr / self.cfg.train.batch_size
+               for lr in self.rule.edge_lrs(len(self.net.edges))]
+        inc = pulses.ep_increments(self.net.edges, lrs, s0, sb, beta)
+        return self.encoder.commands(inc, sample=self.samples_seen, step=self.rule.t2)
+
+    def _send(self, commands: list[dict], *, step: int) -> None:
+        """Journal (write-ahead), then send, each pulse command of one step, exactly once (hil/insitu/recovery.py).
+        Each entry records the instrument's executed-command count it will find (commands run in id order): a
+        resume without a checkpoint settles a pending entry with it (see _settle_pending)."""
         if not commands:
             return
-        # Each entry records the instrument's executed-command count it will find (commands run in id order): a
-        # resume without a checkpoint settles a pending entry with it (see _settle_pending).
         base, before = {"sample": self.samples_seen, "step": step}, self.guard.expected
         ids = self.journal.begin_many([{**base, **c, "executed_before": before + k} for k, c in enumerate(commands)])
         for jid, c in zip(ids, commands):
             crash = self._crash_at == (self.samples_seen, step, c["edge"])
             ack = self.guard.send(jid, c, lambda c=c: self._fire(c, crash=crash))
             self._applied.append((jid, c))
-            self.counters["pulses_sent"] += int(ack["pulses"]) if ack else 0
+            self.counters["pulses_sent"] += pulses.pulses_of(ack)
             self.counters["pulse_commands"] += 1
+
+    def _compound_once(self, commands: list[dict], *, step: int, steps: int = 1) -> list[np.ndarray]:
+        """One compound step (journaled as one pulse command): apply ``commands``, run ``steps`` steps in the
+        current phase, return every layer's state. An executed step whose answer was lost (the counter settled
+        it) has states nobody read: the sample is redone from its start, its pulses undone first."""
+        # "edge": the first update's, as journal readers (and the crash hook) address commands by (sample, step, edge)
+        entry = {"sample": self.samples_seen, "step": step, "edge": commands[0]["edge"],
+                 **pulses.step_entry(commands, steps), "executed_before": self.guard.expected}
+        [jid] = self.journal.begin_many([entry])
+        crash = self._crash_at is not None and any(self._crash_at == (self.samples_seen, step, c["edge"])
+                                                   for c in commands)
+        states: list[list[np.ndarray]] = []
+
+        def fire() -> dict:
+            res, s = self.array.step([pulses.as_update(c) for c in commands], steps)
+            states[:] = [s]
+            if crash:  # the test hook: sent and acknowledged, not yet marked done in the journal
+                os.kill(os.getpid(), signal.SIGKILL)
+            return res
+
+        ack = self.guard.send(jid, {"mode": "step", "updates": commands}, fire)
+        self._applied.extend((jid, c) for c in commands)
+        self.counters["pulses_sent"] += pulses.pulses_of(ack)
+        self.counters["pulse_commands"] += 1
+        if not states or ack is None:
+            raise RedoSample(f"compound step {jid}: executed, but its states were lost with the answer")
+        return states[0]
 
     def _fire(self, c: dict, *, crash: bool = False) -> dict:
         """One pulse command on the wire (journaled by the caller)."""
@@ -425,35 +505,15 @@ class InSituLearner:
             self.guard.undo(self._applied, self._fire, {"sample": self.samples_seen, "step": -1})
         raise LinkError(f"sample {self.samples_seen} failed {self.guard.retries + 1} times; check the link")
 
-    def _outer_commands(self, e: int, fb: bool, term: tuple) -> list[dict]:
-        """A rank-1 term ``c a b^T`` as pulse trains: expected pulses per device ``BL |r_i| |q_k|`` should be
-        ``c a_i b_k / dw``, so ``r q^T = c a b^T / (dw BL)``, split evenly between rows and columns."""
-        kind, c, a, b = term
-        pairs = [(c, a, b)] if kind == "outer1" else [(c, *a), (c, *b)]
-        up, down = self._steps[(e, fb)]
-        dw = float(np.median(np.add(up, down)) / 2)
-        bl = self.cfg.instrument.bit_length
-        out = []
-        for coef, u, v in pairs:
-            nu, nv = float(np.abs(u).max()), float(np.abs(v).max())
-            if nu == 0 or nv == 0 or coef == 0:
-                continue
-            k = abs(coef) * nu * nv / (dw * bl)  # wanted max pulse probability product
-            if not (np.isfinite(k) and np.isfinite(u).all() and np.isfinite(v).all()):
-                raise LinkError(f"sample {self.samples_seen}: edge {e} has a non-finite outer-mode increment; "
-                                "nothing was sent")
-            if k < 1e-12:
-                continue
-            if k > 1.0:  # more than one pulse per slot wanted: the trains saturate and deliver less
-                self.counters["clipped"] += 1
-            ru, rv = min(1.0, np.sqrt(k)), min(1.0, np.sqrt(k))
-            rows = np.sign(coef) * (u / nu) * ru
-            cols = (v / nv) * rv
-            out.append({"edge": e, "feedback": fb, "mode": "outer", "rows": rows.astype(np.float32),
-                        "cols": cols.astype(np.float32), "bit_length": bl})
-        return out
-
     # ------------------------------------------------------------------ learner interface
+    def set_rate_scale(self, factor: float) -> None:
+        """Every rate at ``factor`` times its configured value (the loop's schedule, train.lr_final); in local
+        mode the board gets the new rates (and gets them again with the other settings after a reboot)."""
+        self.rate_scale = float(factor)
+        self.eta = [v * self.rate_scale for v in self.base_eta]
+        if self.mode == "local":
+            self.dev.set_local_learning(True, eta=self.eta, beta=abs(self.rule.beta))
+
     def train_batch(self, x: torch.Tensor, y: torch.Tensor) -> BatchResult:
         xs, ys = x.double().numpy(), y.double().numpy()
         outs = []
@@ -538,8 +598,9 @@ class InSituLearner:
                     "policy": "resume: executed-command counter", "executed_counter": now,
                     "at_checkpoint": executed, "acknowledged_since": len(known), "pending_that_ran": ran})
             self.guard.expected = now
-            applied = sorted(known + pending[:ran], key=lambda t: t[0])
-            if self.mode == "matrix" and all(e.get("mode") == "matrix" for _, e in applied):
+            applied = [(jid, c) for jid, e in sorted(known + pending[:ran], key=lambda t: t[0])
+                       for c in pulses.expand_entry(e)]  # a compound step: its updates
+            if self.mode == "matrix" and all(c.get("mode") == "matrix" for _, c in applied):
                 self.guard.undo(applied, self._fire, {"sample": -1, "step": -1, "resume": True})
         if same and not reprogram_all:
             self._settle_pending()  # a journal compacted past the checkpoint: pending entries by the counter
@@ -654,6 +715,3 @@ class InSituLearner:
         finally:
             self.journal.close()
 
-
-def digest(arr: np.ndarray) -> str:
-    return hashlib.blake2b(arr.tobytes(), digest_size=8).hexdigest()
