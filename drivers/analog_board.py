@@ -99,8 +99,10 @@ class AnalogBoard(CloseCallbacks):
                 log.info("%s firmware %s has no SYST:INT: messages travel without CRC", resource,
                          self._identity["firmware"])
             self._link.run(self._bind, what="SYST:INST? SYST:REQ:LAST?")
-            self._identity["instance"] = self._link.instance  # type: ignore[typeddict-item]
-            self._topology = self._link.run(self._read_topology, what="TOP?")
+            # the untagged reads above only bootstrap the tag; what the driver keeps is read again tagged, so a
+            # duplicated or stale untagged reply can fail the opening, never be taken for a value (spec 4.3)
+            self._identity = self._read_identity_tagged()
+            self._topology = self._read_topology()
             self._compliance = self.compliance_amperes
         except BaseException:
             self._link.close()
@@ -176,6 +178,20 @@ class AnalogBoard(CloseCallbacks):
             except ValueError as e:
                 raise ReplyError(f"SYST:PROT? must answer an integer, got {first!r}") from e
             idn = self._link.read()
+        return self._checked_identity(found, idn)
+
+    def _read_identity_tagged(self) -> Identity:
+        """``SYST:PROT?``, ``*IDN?`` and ``SYST:INST?`` tagged, after the bootstrap; binds to that instance."""
+        try:
+            found = int(self._query("SYST:PROT?"))
+        except ValueError as e:
+            raise ReplyError(f"SYST:PROT? must answer an integer: {e}") from e
+        identity = self._checked_identity(found, self._query("*IDN?"))
+        self._link.instance = self._parse_instance(self._query("SYST:INST?"))  # unfenced: any bound id reads it
+        identity["instance"] = self._link.instance
+        return identity
+
+    def _checked_identity(self, found: int, idn: str) -> Identity:
         fields = idn.split(",")
         if len(fields) != 4:
             raise ReplyError(f"*IDN? must answer 4 comma-separated fields, got {fields!r}")
@@ -208,12 +224,12 @@ class AnalogBoard(CloseCallbacks):
 
     def _read_topology(self) -> Topology:
         try:
-            sizes = [int(v) for v in self._link.ask("TOP:SIZ?").split(",")]
-            flat = [int(v) for v in self._link.ask("TOP:EDG?").split(",")]
+            sizes = [int(v) for v in self._query("TOP:SIZ?").split(",")]
+            flat = [int(v) for v in self._query("TOP:EDG?").split(",")]
         except ValueError as e:
             raise ReplyError(f"topology reply is not a list of integers: {e}") from e
-        feedback = self._link.ask("TOP:FEED?").lower()
-        activation = self._link.ask("TOP:ACT?").lower()
+        feedback = self._query("TOP:FEED?").lower()
+        activation = self._query("TOP:ACT?").lower()
         if len(flat) % 2 or feedback not in ("tied", "untied") or len(sizes) < 2:
             raise ReplyError(f"inconsistent topology: sizes {sizes}, edges {flat}, feedback {feedback!r}")
         return {"sizes": sizes, "edges": list(zip(flat[::2], flat[1::2])), "feedback": feedback,  # type: ignore

@@ -3,10 +3,10 @@
 PyVISA's layers (bytes -> terminated text -> typed values -> query) plus what lab users ask of a driver: every
 transaction holds the instrument's lock, is logged at DEBUG and counted in ``stats``. Two kinds of exchange:
 
-- untagged, plain SCPI (:meth:`VisaLink.ask`, :meth:`VisaLink.collect_errors`, :meth:`VisaLink.run`): only while
-  opening a connection (revision, identity, instance, topology) and right after a reconnect, on a connection
-  that carries no stale bytes; a query the instrument refused sends no reply (IEEE 488.2), so after a silent
-  query the error queue is asked before the link is blamed;
+- untagged, plain SCPI (:meth:`VisaLink.ask`, :meth:`VisaLink.collect_errors`, :meth:`VisaLink.run`): only to
+  bootstrap the tag at open (revision, then instance and newest request id: every value the driver keeps is read
+  again tagged) and right after a reconnect; a query the instrument refused sends no reply (IEEE 488.2), so
+  after a silent query the error queue is asked before the link is blamed;
 - tagged (:meth:`VisaLink.transact`, protocols/analog_board.md section 4): every other message, fenced with the
   bound instance and numbered with a request id; its reply carries the tag, so replies to other requests are
   discarded, and after any anomaly the same bytes are resent on a new connection: the board's duplicate cache
@@ -349,7 +349,7 @@ class VisaLink:
                 if code in (REQUEST_CONFLICT, REQUEST_STALE) and fresh and attempt < self.retries:
                     # another controller moved the board's id space on; this message never ran anywhere (spec
                     # 4.2), so it may go again with an id after the board's newest
-                    self.next_id = (int(self.ask("SYST:REQ:LAST?")) + 1) % ID_MODULUS
+                    self.next_id = (self._last_request_id() + 1) % ID_MODULUS
                     rid = self._allocate()
                     message = tagged(text.encode("ascii"), self.instance, rid)
                     wire = encode_request(message, payload) if self.crc else message + payload
@@ -371,6 +371,20 @@ class VisaLink:
                     raise InstanceChanged(self.instance, actual, what)
                 raise InstrumentError(code, message_text, what)
         raise LinkError(f"{what}: unreachable")  # the loop returns or raises
+
+    def _last_request_id(self) -> int:
+        """``SYST:REQ:LAST?`` untagged, right after a tagged reply: copies of that reply (a duplicated reply) are
+        skipped by their tag, which no untagged reply starts with; the answer must be an integer."""
+        self.write("SYST:REQ:LAST?")
+        for _ in range(64):
+            reply = self.read()
+            if not reply.startswith('"'):
+                try:
+                    return int(reply)
+                except ValueError as e:
+                    raise ReplyError(f"SYST:REQ:LAST? must answer an integer, got {reply[:40]!r}") from e
+            self.stats["stale_replies"] += 1
+        raise ReplyError("64 tagged replies before the answer to SYST:REQ:LAST?: the link is out of step")
 
     def _allocate(self) -> int:
         rid = self.next_id

@@ -3,6 +3,7 @@ driver and the emulator stalls, delays and duplicates whole messages; an emulato
 restarted on the same port. Nothing is patched: pyvisa-py, real sockets, real processes.
 
 - a duplicated reply is discarded, never taken for the answer to the next query;
+- the project's fault proxy duplicating 10% of the replies: 40 openings all read the right identity and topology;
 - a reply stalled past the driver's timeout: the driver reconnects, resends the same bytes and the board answers
   from its duplicate cache; the next query gets its own answer;
 - a request stalled in the network and delivered late, after the driver resent it: executed once;
@@ -12,6 +13,7 @@ restarted on the same port. Nothing is patched: pyvisa-py, real sockets, real pr
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -195,3 +197,37 @@ def test_a_restarted_emulator_process_is_refused_until_the_host_rebinds() -> Non
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def test_duplicated_replies_never_change_what_the_driver_reads_at_open(tmp_path) -> None:
+    """The project's fault proxy, a separate process, duplicates 10% of the replies (seeded) between the driver and
+    the emulator: every one of 40 openings reads the right identity, instance and topology (the untagged opening
+    reads only bootstrap the tag; spec 4.3), and the faults did reach the driver."""
+    physics = ArrayPhysics(ArrayConfig(sizes=[3, 4, 2], activation="tanh", device=DeviceConfig(model="ideal")))
+    stats = tmp_path / "proxy.json"
+    with AnalogServer(physics) as server:
+        with AnalogBoard(f"TCPIP0::{server.host}::{server.port}::SOCKET") as direct:
+            expected_identity, expected_topology = direct.identity(), direct.topology()
+        assert expected_topology["activation"] == "tanh" and expected_topology["feedback"] == "tied"
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "eqprop_hil.mock_instruments.fault_proxy", "--target",
+             f"{server.host}:{server.port}", "--framing", "scpi", "--duplicate-reply", "0.1", "--seed", "7",
+             "--stats", str(stats)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert proxy.stdout is not None
+            host, port = proxy.stdout.readline().strip().rsplit(":", 1)
+            stale = 0
+            for _ in range(40):
+                with AnalogBoard(f"TCPIP0::{host}::{port}::SOCKET", timeout_s=2.0, retries=3) as board:
+                    assert board.identity() == expected_identity
+                    assert board.topology() == expected_topology
+                    assert board.bound_instance == expected_identity["instance"]
+                    stale += board.stats["stale_replies"] + board.stats["reconnects"]
+        finally:
+            proxy.send_signal(signal.SIGINT)
+            try:
+                proxy.wait(10)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+        injected = json.loads(stats.read_text())["injected"]
+        assert injected["duplicate_reply"] >= 40 and stale > 0  # the duplicates reached the driver and were seen

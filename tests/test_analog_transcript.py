@@ -37,12 +37,16 @@ def R(rid: int, body: bytes = b"", code: int = 0) -> bytes:
     return tagged_reply(make_tag(INST, rid), code, body if not code else None, body.decode() if code else "")
 
 
-def init_script(sizes: bytes = b"2,2,2", edges: bytes = b"0,1,1,2", last: int = -1) -> Script:
-    """Opening: revision and identity, instance and newest request id, topology, then tagged from id last+1."""
-    first = last + 1
-    return [(b"SYST:PROT?", b"2"), (b"*IDN?", b"EQPROP-HIL,ANALOG-EP-1,T0001,0.3.0"), (b"SYST:INST?", b'"%s"' % INST.encode()),
-            (b"SYST:REQ:LAST?", str(last).encode()), (b"TOP:SIZ?", sizes), (b"TOP:EDG?", edges),
-            (b"TOP:FEED?", b"TIED"), (b"TOP:ACT?", b"TANH"), (T(first, b"NUDG:COMP?"), R(first, b"0.0001"))]
+def init_script(sizes: bytes = b"2,2,2", edges: bytes = b"0,1,1,2", last: int = (1 - 8 - 1) % (1 << 32)) -> Script:
+    """Opening (spec 4.3): untagged, only what the tag needs (revision and identity, instance, newest request id);
+    then, tagged from id last+1, the protocol, identity, instance, topology and compliance the driver keeps. The
+    default ``last`` makes the first id after the opening 1, and the opening's ids wrap past ffffffff."""
+    ids = [(last + 1 + k) % (1 << 32) for k in range(8)]
+    idn, inst = b"EQPROP-HIL,ANALOG-EP-1,T0001,0.3.0", b'"%s"' % INST.encode()
+    kept = [(b"SYST:PROT?", b"2"), (b"*IDN?", idn), (b"SYST:INST?", inst), (b"TOP:SIZ?", sizes),
+            (b"TOP:EDG?", edges), (b"TOP:FEED?", b"TIED"), (b"TOP:ACT?", b"TANH"), (b"NUDG:COMP?", b"0.0001")]
+    return [(b"SYST:PROT?", b"2"), (b"*IDN?", idn), (b"SYST:INST?", inst), (b"SYST:REQ:LAST?", str(last).encode())] + [
+        (T(rid, text), R(rid, body)) for rid, (text, body) in zip(ids, kept)]
 
 
 class ScriptedInstrument:

@@ -40,7 +40,8 @@ def test_analog_blocks_with_infinities_or_wrong_sizes(reply: bytes, message: str
 
 
 @pytest.mark.parametrize("script,message", [
-    (init_script()[:4] + [(b"TOP:SIZ?", b"2,two,2"), (b"SYST:ERR?", NOERR)], "not a list of integers"),
+    # the topology is read tagged (spec 4.3): the 8th opening message, id 3 after the bootstrap's newest (-4 here)
+    (init_script()[:7] + [(init_script()[7][0], R((3 - 7) % (1 << 32), b"2,two,2"))], "not a list of integers"),
     # a garbled instance id: the driver reconnects once (draining the queue), then reports it
     (init_script()[:2] + [(b"SYST:INST?", b"garbage"), (b"SYST:ERR?", NOERR)], "16 hex digits"),
     # a garbled error-queue entry while a revision 1 board is told apart
