@@ -51,8 +51,8 @@ def cluster(tmp_path_factory):
     """One cluster for the module: starting Ray nodes costs seconds each on two shared cores."""
     folder = tmp_path_factory.mktemp("cluster")
     (folder / "benches.toml").write_text(BENCHES, encoding="utf-8")
-    old = {k: os.environ.get(k) for k in ("HIL_BENCHES", "RAY_USAGE_STATS_ENABLED")}
-    os.environ["HIL_BENCHES"] = str(folder / "benches.toml")  # the nodes (and their workers) inherit it
+    old = {k: os.environ.get(k) for k in ("EQPROP_HIL_BENCHES", "RAY_USAGE_STATS_ENABLED")}
+    os.environ["EQPROP_HIL_BENCHES"] = str(folder / "benches.toml")  # the nodes (and their workers) inherit it
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": NODE_MEMORY,
                                                       "include_dashboard": False})

@@ -134,7 +134,7 @@ def test_bad_bench_files_name_bench_and_key(tmp_path, text, message):
 
 
 def test_unknown_or_missing_bench_descriptions(tmp_path, monkeypatch):
-    monkeypatch.setenv("HIL_BENCHES", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("EQPROP_HIL_BENCHES", str(tmp_path / "none.toml"))
     with pytest.raises(BenchError, match="no bench description file .*none.toml"):
         load_bench("a")
     (tmp_path / "none.toml").write_text(BENCHES, encoding="utf-8")

@@ -2,10 +2,10 @@
 
 A bench host runs, for example::
 
-    HIL_BENCHES=/etc/eqprop-hil/benches.toml \\
+    EQPROP_HIL_BENCHES=/etc/eqprop-hil/benches.toml \\
       ray start --address HEAD:6379 --resources '{"bench:analog-1": 1}'
 
-and keeps a bench description file (``$HIL_BENCHES``, default ``~/.config/eqprop-hil/benches.toml``)::
+and keeps a bench description file (``$EQPROP_HIL_BENCHES``, default ``~/.config/eqprop-hil/benches.toml``)::
 
     [bench.analog-1]
     instrument = "TCPIP0::10.0.0.5::5025::SOCKET"   # the resource string, as `hil train --instrument` takes it
@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from eqprop_hil import config as configuration
+from eqprop_hil import env
 from eqprop_hil.cluster.runtime import ClusterError
 
-ENV_VAR = "HIL_BENCHES"
+ENV_VAR = "EQPROP_HIL_BENCHES"  # the one prefix of every setting read from the environment (eqprop_hil.env)
 DEFAULT_FILE = Path("~/.config/eqprop-hil/benches.toml")
 RESOURCE_PREFIX = "bench:"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -78,8 +79,8 @@ def check_name(name: str) -> str:
 
 
 def bench_file() -> Path:
-    """The description file of this host: ``$HIL_BENCHES`` or ``~/.config/eqprop-hil/benches.toml``."""
-    return Path(os.environ.get(ENV_VAR) or DEFAULT_FILE).expanduser()
+    """The description file of this host: ``$EQPROP_HIL_BENCHES`` or ``~/.config/eqprop-hil/benches.toml``."""
+    return Path(env.setting(ENV_VAR) or DEFAULT_FILE).expanduser()
 
 
 def _limits(table: Any) -> configuration.LimitsConfig:
