@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -230,7 +231,7 @@ class Proxy:
                             continue  # the message is lost with the old connection, as on a real gateway
                         reset_all()
                         return
-        except OSError:
+        except OSError:  # the client's side went away mid-read: close both ends below, as a gateway does
             pass
         finally:
             if not state["closed"]:
@@ -243,10 +244,8 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     """Close with RST (SO_LINGER 0), as a crashed peer or a middlebox does."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):  # already closed by the peer: a plain close is all that is left
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
     writer.close()
 
 

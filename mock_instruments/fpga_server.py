@@ -279,11 +279,9 @@ class FpgaServer:
         self._pace_rx(len(data), session)
         for item in reader.feed_raw(data):
             if not isinstance(item, FrameDecodeError) and not session.handshaken:
-                try:
+                with contextlib.suppress(FrameDecodeError):  # a bad frame leaves the connection a stranger
                     decode_frame(item)
                     session.handshaken = True  # a valid frame: the connection is a host, not a stray socket
-                except FrameDecodeError:
-                    pass
             gate = self._gate(item, session)
             if gate is not None:  # answered here: an AUTH, or a refusal
                 reply, refused = gate
