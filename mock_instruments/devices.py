@@ -114,8 +114,13 @@ class DeviceArray:
             self.w_max = np.maximum(c.w_max * (1 + c.w_bounds_d2d * d2d.standard_normal(shape)), 0.05 * c.w_max)
             self.w_min = np.minimum(c.w_min * (1 + c.w_bounds_d2d * d2d.standard_normal(shape)), 0.05 * c.w_min)
             self.stuck = d2d.random(shape) < c.stuck_fraction
-        self.w = np.clip(np.asarray(initial, dtype=np.float64).reshape(shape), self.w_min, self.w_max)
+        # C-contiguous on purpose: sparse writes go through ravel() views of w, noise and written_at
+        self.w = np.ascontiguousarray(np.clip(np.asarray(initial, dtype=np.float64).reshape(shape), self.w_min, self.w_max))
         self.noise = np.zeros(shape)  # read-visible write noise
+        # per-device parameters by pulse sign (row 0: up, row 1: down), gathered once per pulse command; the device
+        # parameters never change after construction
+        self._dw_signed = np.stack([self.dw_up.ravel(), -self.dw_down.ravel()])
+        self._bound_signed = np.stack([self.w_max.ravel(), self.w_min.ravel()])
         self.written_at = np.zeros(shape)  # clock (steps) of each device's last write, for drift
 
     # ----------------------------------------------------------------------------------------------- reads
@@ -132,56 +137,123 @@ class DeviceArray:
         t0 = self.config.drift_t0_steps
         return ((now - self.written_at + t0) / t0) ** (-self.config.drift_nu)
 
-    def _settle_drift(self, mask: np.ndarray, now: float) -> None:
-        """Before writing a device, make its drifted conductance the hidden weight and restart its drift clock."""
-        if self.config.drift_nu > 0 and not self.config.ideal:
-            self.w[mask] *= self._drift_factor(now)[mask]
-            self.written_at[mask] = now
+    def visible_at(self, flat: np.ndarray, now: float) -> np.ndarray:
+        """:meth:`visible` at the flat (C-order) indices ``flat`` only: the same values, elementwise."""
+        if self.config.ideal:
+            return self.w.ravel()[flat]
+        w = self.w.ravel()[flat]
+        if self.config.drift_nu > 0:
+            t0 = self.config.drift_t0_steps
+            w = w * ((now - self.written_at.ravel()[flat] + t0) / t0) ** (-self.config.drift_nu)
+        return w + self.noise.ravel()[flat] if self.config.write_noise > 0 else w
 
-    def _redraw_write_noise(self, mask: np.ndarray) -> None:
+    def _settle_drift(self, flat: np.ndarray, now: float) -> None:
+        """Before writing devices (flat indices), make their drifted conductance the hidden weight and restart
+        their drift clock."""
+        if self.config.drift_nu > 0 and not self.config.ideal:
+            t0 = self.config.drift_t0_steps
+            w, written = self.w.ravel(), self.written_at.ravel()
+            w[flat] *= ((now - written[flat] + t0) / t0) ** (-self.config.drift_nu)
+            written[flat] = now
+
+    def _redraw_write_noise(self, flat: np.ndarray) -> None:
         if self.config.write_noise > 0 and not self.config.ideal:
-            n = int(np.count_nonzero(mask))
-            self.noise[mask] = self.config.write_noise * self.config.dw_min * self._rng_write.standard_normal(n)
+            self.noise.ravel()[flat] = self.config.write_noise * self.config.dw_min * self._rng_write.standard_normal(flat.size)
 
     # ---------------------------------------------------------------------------------------------- writes
-    def pulse(self, counts: np.ndarray, now: float = 0.0) -> None:
+    def pulse(self, counts: np.ndarray, now: float = 0.0) -> np.ndarray:
         """Fire ``counts`` signed pulses per device (+ potentiates), ``|counts| <= 255``, shape ``shape``.
 
-        Vectorised over devices; the only loop is over the pulse index (devices sorted by pulse count, so the
-        devices still receiving pulse p are a prefix of the sorted list).
+        Dense entry point: only the devices with a non-zero count are worked on (see :meth:`pulse_sparse`).
+        Returns the flat indices of the devices that moved (stuck devices and zero counts excluded).
         """
-        counts = np.asarray(counts).reshape(self.shape).astype(np.int64)
-        if self.config.ideal:
-            self.w += counts * self.config.dw_min
-            return
-        touched = (counts != 0) & ~self.stuck
-        if not touched.any():
-            return
-        self._settle_drift(touched, now)
-        idx = np.flatnonzero(touched)
-        mag = np.abs(counts.ravel()[idx])
-        order = np.argsort(-mag, kind="stable")
-        idx, mag = idx[order], mag[order]
-        up = counts.ravel()[idx] > 0
-        w = self.w.ravel()[idx]
-        dw_up, dw_down = self.dw_up.ravel()[idx], self.dw_down.ravel()[idx]
-        w_max, w_min = self.w_max.ravel()[idx], self.w_min.ravel()[idx]
-        neg_mag = -mag
-        for p in range(int(mag[0])):
-            k = int(np.searchsorted(neg_mag, -p, side="left"))  # devices with more than p pulses
-            step = self._step(w[:k], up[:k], dw_up[:k], dw_down[:k], w_max[:k], w_min[:k])
-            step *= 1 + self.config.dw_min_c2c * self._rng_c2c.standard_normal(k)
-            w[:k] = np.clip(w[:k] + step, w_min[:k], w_max[:k])
-        np.put(self.w, idx, w)
-        self._redraw_write_noise(touched)
+        counts = np.asarray(counts).reshape(self.shape)
+        flat = np.flatnonzero(counts)
+        return self.pulse_flat(flat, counts.ravel()[flat].astype(np.int64), now)
 
-    def _step(self, w, up, dw_up, dw_down, w_max, w_min) -> np.ndarray:
-        """Noise-free signed weight change of one pulse at weight ``w`` (vectors over the active devices)."""
+    def pulse_sparse(self, flat: np.ndarray, counts: np.ndarray, now: float = 0.0) -> np.ndarray:
+        """Fire ``counts[k]`` signed pulses into the device at flat (C-order) index ``flat[k]``.
+
+        ``flat`` strictly increasing in ``0..size-1``, integer ``counts`` with ``|counts| <= 255`` (zeros allowed).
+        Exactly :meth:`pulse` of the equivalent dense matrix, random draws included, at a cost proportional to the
+        number of devices touched. Returns the flat indices of the devices that moved.
+        """
+        flat, counts = np.asarray(flat), np.asarray(counts)
+        if flat.ndim != 1 or counts.shape != flat.shape or flat.dtype.kind not in "iu" or counts.dtype.kind not in "iu":
+            raise ValueRangeError(f"sparse pulses need equal-length 1-d integer index and count vectors, got "
+                                  f"{flat.dtype}{flat.shape} and {counts.dtype}{counts.shape}")
+        flat, counts = flat.astype(np.int64), counts.astype(np.int64)
+        size = self.shape[0] * self.shape[1]
+        if flat.size and (flat[0] < 0 or flat[-1] >= size or np.any(flat[1:] <= flat[:-1])):
+            raise ValueRangeError(f"sparse pulse indices must be strictly increasing in 0..{size - 1}")
+        if flat.size and int(np.abs(counts).max()) > MAX_PULSES:
+            raise ValueRangeError(f"pulse count {int(np.abs(counts).max())} exceeds {MAX_PULSES} per device per call")
+        nonzero = counts != 0
+        return self.pulse_flat(flat[nonzero], counts[nonzero], now)
+
+    def pulse_flat(self, flat: np.ndarray, counts: np.ndarray, now: float) -> np.ndarray:
+        """The pulse response, unchecked: for callers that built (or checked) strictly increasing int64 flat
+        indices and non-zero int64 counts ``|counts| <= 255`` themselves, as the array physics does.
+
+        Vectorised over devices; the only loop is over the pulse index (devices sorted by pulse count, so the
+        devices still receiving pulse p are a prefix of the sorted list). Random draws happen in ascending flat
+        order, so the dense and the sparse entry points draw identically.
+        """
+        if self.config.ideal:
+            w = self.w.ravel()
+            w[flat] += counts * self.config.dw_min
+            return flat
+        if self.config.stuck_fraction > 0:
+            free = ~self.stuck.ravel()[flat]
+            flat, counts = flat[free], counts[free]
+        if not flat.size:
+            return flat
+        self._settle_drift(flat, now)
+        mag = np.abs(counts)
+        sel = (counts < 0).astype(np.intp)  # 0: potentiating pulses, 1: depressing pulses
+        top = int(mag.max())
+        idx = flat
+        if top > 1:  # sort by pulse count (stable: ties keep ascending flat order; all ones are already sorted)
+            order = np.argsort(-mag, kind="stable")
+            idx, mag, sel = flat[order], mag[order], sel[order]
+        w = self.w.ravel()[idx]
+        w_min, w_max = self.w_min.ravel()[idx], self.w_max.ravel()[idx]
+        if self.config.model == "power":
+            params = (sel == 0, self.dw_up.ravel()[idx], self.dw_down.ravel()[idx], w_max, w_min)
+        else:  # the signed step and the bound it approaches, chosen per device once
+            params = (self._dw_signed[sel, idx], self._bound_signed[sel, idx])
+        c2c = self.config.dw_min_c2c
+        if top == 1:  # the common case of sparse updates: one pulse each, no prefix bookkeeping
+            step = self._step(w, *params)
+            step *= self._rng_c2c.normal(1.0, c2c, idx.size)  # 1 + c2c xi
+            w = np.clip(w + step, w_min, w_max)
+        else:
+            neg_mag = -mag
+            for p in range(top):
+                k = int(np.searchsorted(neg_mag, -p, side="left"))  # devices with more than p pulses
+                step = self._step(w[:k], *(a[:k] for a in params))
+                step *= self._rng_c2c.normal(1.0, c2c, k)
+                w[:k] = np.clip(w[:k] + step, w_min[:k], w_max[:k])
+        np.put(self.w, idx, w)
+        self._redraw_write_noise(flat)
+        return flat
+
+    def _step(self, w: np.ndarray, *params: np.ndarray) -> np.ndarray:
+        """Noise-free signed weight change of one pulse at weight ``w`` (a new vector over the active devices).
+
+        ``params``: for ``constant`` and ``soft_bounds`` the signed step (``dw_up`` or ``-dw_down``) and the bound it
+        approaches (``w_max`` or ``w_min``), per device; for ``power`` (up, dw_up, dw_down, w_max, w_min).
+        """
         model = self.config.model
         if model == "constant":
-            return np.where(up, dw_up, -dw_down)
-        if model == "soft_bounds":
-            return np.where(up, dw_up * (1 - w / w_max), -dw_down * (1 - w / w_min))
+            return params[0].copy()
+        if model == "soft_bounds":  # up: dw_up (1 - w / w_max); down: -dw_down (1 - w / w_min)
+            dw, bound = params
+            step = np.divide(w, bound)
+            np.subtract(1.0, step, out=step)
+            step *= dw
+            return step
+        up, dw_up, dw_down, w_max, w_min = params
         omega = np.clip((w_max - w) / (w_max - w_min), 0.0, 1.0)
         return np.where(up, dw_up * omega**self.config.gamma_up, -dw_down * (1 - omega) ** self.config.gamma_down)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from eqprop_hil.mock_instruments.converters import Adc, Dac, check_bits, check_range
 from eqprop_hil.mock_instruments.devices import DeviceArray, DeviceConfig
+from eqprop_hil.mock_instruments.rounding import round_matrix, round_outer
 from eqprop_hil.protocols.errors import ValueRangeError
 
 ACTIVATIONS = {
@@ -24,6 +25,23 @@ ACTIVATIONS = {
     "hard_sigmoid": lambda x: np.clip(x, 0.0, 1.0),
     "tanh": np.tanh,
     "identity": lambda x: x,
+}
+
+
+def _sigmoid4_(x: np.ndarray) -> None:
+    """sigmoid4 in place, operation for operation the expression in ACTIVATIONS (same floats, no temporaries)."""
+    x -= 0.5
+    x *= 2.0
+    np.tanh(x, out=x)
+    x += 1.0
+    x *= 0.5
+
+
+ACTIVATIONS_INPLACE = {  # the same functions, overwriting their argument; the dynamics' hot path
+    "sigmoid4": _sigmoid4_,
+    "hard_sigmoid": lambda x: np.clip(x, 0.0, 1.0, out=x),
+    "tanh": lambda x: np.tanh(x, out=x),
+    "identity": lambda x: None,
 }
 PHASES = ("FREE", "NUDGE", "HOLD")
 MAX_LAYER = 65535
@@ -127,7 +145,10 @@ class ArrayPhysics:
         self.sizes = list(config.sizes)
         self.edges = config.edges
         self.untied = config.feedback == "untied"
-        self._rho = ACTIVATIONS[config.activation]
+        self._rho_ = ACTIVATIONS_INPLACE[config.activation]
+        # non-input layers live side by side in one vector per step: one bias add and one activation for all
+        self._starts = np.cumsum([0] + self.sizes[1:]).tolist()  # layer j >= 1 is [starts[j-1], starts[j])
+        self._n_chain = len(self.sizes) - 1  # edges[:n_chain] are the chain edges (k, k + 1), in order
         root = np.random.SeedSequence(config.seed)
         init_seq, read_seq, train_seq, learn_seq, dev_seq = root.spawn(5)
         init_rng = np.random.default_rng(init_seq)
@@ -143,7 +164,13 @@ class ArrayPhysics:
             has_b = self.untied and i >= 1
             self._b.append(self._new_matrix((self.sizes[i], self.sizes[j]), init_rng, dev_seeds[2 * e + 1]) if has_b else None)
         self._scale = {(e, fb): 1.0 for e in range(len(self.edges)) for fb in (False, True)}
+        # effective matrices, kept until a write (refreshed in place at the devices written) or a scale change;
+        # never kept under drift, where every step changes what the dynamics see
         self._cache: dict[tuple[int, bool], np.ndarray] = {}
+        self._cacheable = not (config.device.drift_nu > 0 and not config.device.ideal)
+        # input edges: (W, x, W @ x) -- the drive of a clamped input is constant while W and x are the same objects
+        self._drive: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._scratch: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray]] = {}  # see _buffers
         self.clock = 0  # dynamics steps since construction (drift time base)
         self.counters: dict[str, int] = dict.fromkeys(
             ("steps", "pulse_commands", "pulses", "outer_commands", "coincidences", "program_commands",
@@ -158,6 +185,7 @@ class ArrayPhysics:
         """Volatile settings to their power-on values (conductances, scales and the clock are non-volatile)."""
         self._gain = [1.0] * len(self.edges)
         self._bias = [np.zeros(n) for n in self.sizes]
+        self._bias_all = np.zeros(self._starts[-1])  # biases of layers 1.. side by side (see _next_states)
         self._eta = [0.0] * len(self.edges)
         self._learn_beta: float | None = None
         self._learning = False
@@ -202,6 +230,7 @@ class ArrayPhysics:
         """Held (not learned) bias of a non-input layer, volts, shape ``(n_layer,)``."""
         layer = _index(layer, len(self.sizes), "layer", low=1)
         self._bias[layer] = _vector(values, self.sizes[layer], f"bias of layer {layer}")
+        self._bias_all[self._starts[layer - 1]:self._starts[layer]] = self._bias[layer]
 
     def bias(self, layer: int) -> np.ndarray:
         return self._bias[_index(layer, len(self.sizes), "layer", low=1)].copy()
@@ -241,7 +270,7 @@ class ArrayPhysics:
         if scale <= 0:
             raise ValueRangeError(f"scale must be > 0, got {scale!r}")
         self._scale[key] = scale
-        self._cache.pop(key, None)
+        self._written(key)
 
     def scale(self, edge: int, feedback: bool = False) -> float:
         return self._scale[self._key(edge, feedback)]
@@ -259,13 +288,43 @@ class ArrayPhysics:
         return self._b[key[0]] if key[1] else self._w[key[0]]
 
     def _effective(self, key: tuple[int, bool]) -> np.ndarray:
-        """Effective matrix the dynamics multiply by (scale * read-visible device weights), float64."""
-        device = self._device(key)
-        if device.config.drift_nu > 0 and not device.config.ideal:
-            return self._scale[key] * device.visible(self.clock)
-        if key not in self._cache:
-            self._cache[key] = self._scale[key] * device.visible(self.clock)
-        return self._cache[key]
+        """Effective matrix the dynamics multiply by (scale * read-visible device weights), float64. Cached (not
+        under drift): callers must not modify it."""
+        m = self._cache.get(key)
+        if m is None:
+            m = self._scale[key] * self._device(key).visible(self.clock)
+            if self._cacheable:
+                self._cache[key] = m
+        return m
+
+    def _written(self, key: tuple[int, bool], flat: np.ndarray | None = None) -> None:
+        """Matrix ``key`` was written: refresh its cached effective matrix at the flat indices ``flat`` (the values a
+        full re-read gives, elementwise) or, with ``flat=None``, drop it; the input drive through it is dropped."""
+        if flat is not None and not flat.size:
+            return
+        if not key[1]:
+            self._drive.pop(key[0], None)
+        m = self._cache.get(key)
+        if m is None:
+            return
+        if flat is None:
+            device = self._device(key)
+            if device.config.ideal:  # ideal reads are the weights: refresh in place, as scale * w
+                np.multiply(self._scale[key], device.w, out=m)
+            else:
+                del self._cache[key]
+        else:
+            m.ravel()[flat] = self._scale[key] * self._device(key).visible_at(flat, self.clock)
+
+    def _input_drive(self, edge: int, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """``w @ x`` for an edge out of the clamped input, computed once per (weights, input) pair (same value)."""
+        kept = self._drive.get(edge)
+        if kept is not None and kept[0] is w and kept[1] is x:
+            return kept[2]
+        drive = w @ x
+        if self._cacheable:
+            self._drive[edge] = (w, x, drive)
+        return drive
 
     def read_state(self, layer: int | None = None) -> list[np.ndarray]:
         """States in volts through read noise and the ADC, float32: every layer (input first) or ``[layer]``."""
@@ -290,24 +349,46 @@ class ArrayPhysics:
         self.counters["steps"] += n
 
     def _next_states(self) -> list[np.ndarray]:
-        s, last, dt = self._states, len(self.sizes) - 1, self.config.dt
-        u = [self._bias[j].copy() for j in range(len(self.sizes))]
-        for e, (i, j) in enumerate(self.edges):
-            u[j] += self._effective((e, False)) @ s[i]
-            if i >= 1:
-                feedback = self._effective((e, True)) if self.untied else self._effective((e, False)).T
-                u[i] += self._gain[e] * (feedback @ s[j])
-        new = [s[0]]
-        for j in range(1, last + 1):
-            nudge = self._nudge_volts() if j == last and self._phase == "NUDGE" else None
-            if nudge is None:
-                target = self._rho(u[j])
-            elif self.config.nudge_placement == "outside":
-                target = self._rho(u[j]) + nudge
+        """One synchronous step: u_k = b_k + sum of the edge terms into k, s'_k = rho(u_k) (+ nudge, leaky dt).
+
+        Layers 1.. share one new vector (``out``; the new states are views of it). Each layer's terms are added
+        in the order the rule lists them, bias after the first, so the floats are those of ``bias.copy()`` and
+        ``+=`` per edge: the first term of layer k is the forward drive of chain edge k - 1 (chain edges come
+        first, in order), then the bias, then the feedback and skip terms in edge order.
+        """
+        s, starts = self._states, self._starts
+        out = np.empty(starts[-1])
+        u = [out[:0]] + [out[starts[k - 1]:starts[k]] for k in range(1, len(starts))]
+        for e in range(self._n_chain):  # chain edge e = (e, e + 1)
+            w = self._effective((e, False))
+            if e == 0:
+                np.copyto(u[1], self._input_drive(0, w, s[0]))
             else:
-                target = self._rho(u[j] + nudge)
-            new.append(target if dt == 1.0 else s[j] + dt * (target - s[j]))
-        return new
+                np.matmul(w, s[e], out=u[e + 1])
+        out += self._bias_all
+        for e, (i, j) in enumerate(self.edges):
+            w = self._effective((e, False))
+            if e >= self._n_chain:
+                u[j] += self._input_drive(e, w, s[0]) if i == 0 else w @ s[i]
+            if i >= 1:
+                term = (self._effective((e, True)) if self.untied else w.T) @ s[j]
+                if self._gain[e] != 1.0:  # gamma * x; x * 1.0 == x
+                    term *= self._gain[e]
+                u[i] += term
+        nudge = self._nudge_volts() if self._phase == "NUDGE" else None
+        inside = nudge is not None and self.config.nudge_placement == "inside"
+        if inside:
+            u[-1] += nudge
+        self._rho_(out)
+        if nudge is not None and not inside:
+            u[-1] += nudge
+        dt = self.config.dt
+        if dt != 1.0:  # s + dt (target - s)
+            old = np.concatenate(s[1:])
+            out -= old
+            out *= dt
+            out += old
+        return [s[0]] + u[1:]
 
     def _nudge_volts(self) -> np.ndarray | None:
         if self._nudge is None:
@@ -340,44 +421,88 @@ class ArrayPhysics:
 
     def _local_update(self, old: list[np.ndarray], new: list[np.ndarray], beta: float) -> None:
         """Apply one step's C-EP (tied) or C-VF (untied) increment to every edge with eta > 0."""
+        ideal = self.config.device.ideal
         for e, (i, j) in enumerate(self.edges):
             rate = self._eta[e] / beta
             if rate == 0:
                 continue
             if self.untied:
-                self._increment((e, False), rate * np.outer(new[j] - old[j], old[i]))
+                self._increment((e, False), rate, new[j] - old[j], old[i])
                 if i >= 1:
-                    self._increment((e, True), rate * np.outer(new[i] - old[i], old[j]))
-            else:
-                self._increment((e, False), rate * (np.outer(new[j], new[i]) - np.outer(old[j], old[i])))
+                    self._increment((e, True), rate, new[i] - old[i], old[j])
+            elif i == 0 and not ideal:
+                # the input is clamped (new[0] is old[0]), so the tied increment is rank 1: rate * outer(ds_j, x)
+                self._increment((e, False), rate, new[j] - old[j], old[0])
+            else:  # rate * (outer(s'_j, s'_i) - outer(s_j, s_i)); the ideal model keeps this arithmetic on every edge
+                self._increment((e, False), rate, new[j], new[i], old[j], old[i])
         self.counters["local_updates"] += 1
 
-    def _increment(self, key: tuple[int, bool], delta: np.ndarray) -> None:
-        """Effective-weight increment -> device: exact (ideal) or stochastically rounded pulses capped at 127."""
+    def _increment(
+        self, key: tuple[int, bool], rate: float, a: np.ndarray, b: np.ndarray,
+        c: np.ndarray | None = None, d: np.ndarray | None = None,
+    ) -> None:
+        """Effective-weight increment ``rate * (outer(a, b) - outer(c, d))`` (``rate * outer(a, b)`` without c, d)
+        -> device: exact (ideal) or stochastically rounded pulses capped at 127.
+
+        A rank-1 increment on real devices is rounded without forming the matrix (cost follows the pulses). Dense
+        increments are built in two per-matrix buffers (no large temporaries), operation for operation the
+        arithmetic of the rule written out (``rate * (np.outer(a, b) - np.outer(c, d))``), so ideal devices give
+        the same floats as before.
+        """
         device = self._device(key)
-        quanta = delta / (self._scale[key] * device.config.dw_min)
-        if device.config.ideal:
-            device.add_exact(delta / self._scale[key])
-            self.counters["pulses"] += int(np.rint(np.abs(quanta)).sum())
-        else:
-            low = np.floor(quanta)
-            counts = low + (self._rng_learn.random(quanta.shape) < quanta - low)
-            counts = np.clip(counts, -MAX_PULSE_COUNT, MAX_PULSE_COUNT).astype(np.int64)
-            device.pulse(counts, self.clock)
-            self.counters["pulses"] += int(np.abs(counts).sum())
-        self._cache.pop(key, None)
+        scale, ideal = self._scale[key], device.config.ideal
+        quantum = scale * device.config.dw_min  # effective weight of one nominal pulse
+        if c is None and not ideal:
+            self._fire(key, *round_outer(self._rng_learn, rate / quantum, a, b, MAX_PULSE_COUNT))
+            return
+        delta, quanta = self._buffers(key)
+        np.multiply.outer(a, b, out=delta)
+        if c is not None:
+            np.multiply.outer(c, d, out=quanta)
+            np.subtract(delta, quanta, out=delta)
+        np.multiply(delta, rate, out=delta)
+        np.divide(delta, quantum, out=quanta)
+        if not ideal:
+            self._fire(key, *round_matrix(self._rng_learn, quanta, MAX_PULSE_COUNT))
+            return
+        np.abs(quanta, out=quanta)
+        self.counters["pulses"] += int(np.rint(quanta, out=quanta).sum())
+        if scale != 1.0:  # x / 1.0 == x: skip the pass
+            np.divide(delta, scale, out=delta)
+        device.add_exact(delta)
+        self._written(key)
+
+    def _buffers(self, key: tuple[int, bool]) -> tuple[np.ndarray, np.ndarray]:
+        """Two float64 scratch matrices of ``key``'s shape, kept for the array's life."""
+        bufs = self._scratch.get(key)
+        if bufs is None:
+            shape = self._device(key).shape
+            bufs = self._scratch[key] = (np.empty(shape), np.empty(shape))
+        return bufs
+
+    def _fire(self, key: tuple[int, bool], flat: np.ndarray, counts: np.ndarray) -> int:
+        """Fire checked sparse counts (ascending flat indices, non-zero, |count| <= 127) into matrix ``key``;
+        counts the pulses (those sent to stuck devices too, as the board cannot tell) and returns them."""
+        moved = self._device(key).pulse_flat(flat, counts, self.clock)
+        self._written(key, moved)
+        fired = int(np.abs(counts).sum())
+        self.counters["pulses"] += fired
+        return fired
 
     def apply_pulses(self, edge: int, counts: np.ndarray, feedback: bool = False) -> int:
         """Fire signed pulse counts (|count| <= 127, integer, the matrix's shape); returns pulses fired."""
         key = self._key(edge, feedback)
-        device = self._device(key)
-        counts = _counts(counts, device.shape, MAX_PULSE_COUNT)
-        device.pulse(counts, self.clock)
-        self._cache.pop(key, None)
-        fired = int(np.abs(counts).sum())
+        flat, values = _counts(counts, self._device(key).shape, MAX_PULSE_COUNT)
         self.counters["pulse_commands"] += 1
-        self.counters["pulses"] += fired
-        return fired
+        return self._fire(key, flat, values)
+
+    def apply_pulses_sparse(self, edge: int, index: np.ndarray, counts: np.ndarray, feedback: bool = False) -> int:
+        """:meth:`apply_pulses` in sparse form: signed counts at flat (row-major) device indices, strictly
+        increasing; zero counts allowed. Same physics and counters; the cost follows the devices touched."""
+        key = self._key(edge, feedback)
+        flat, values = _sparse_counts(index, counts, self._device(key).shape, MAX_PULSE_COUNT)
+        self.counters["pulse_commands"] += 1
+        return self._fire(key, flat, values)
 
     def apply_outer(self, edge: int, rows: np.ndarray, cols: np.ndarray, bit_length: int, feedback: bool = False) -> int:
         """Rank-1 update by stochastic pulse trains; returns the number of coincidences (pulses) fired.
@@ -394,16 +519,16 @@ class ArrayPhysics:
             if np.any(np.abs(v) > 1):
                 raise ValueRangeError(f"outer {name} must be in [-1, 1], got {float(np.abs(v).max()):g}")
         bit_length = _index(bit_length, 256, "bit length", low=1)
-        row_fires = (self._rng_train.random((bit_length, rows.size)) < np.abs(rows)).astype(np.int64)
-        col_fires = (self._rng_train.random((bit_length, cols.size)) < np.abs(cols)).astype(np.int64)
-        coincidences = row_fires.T @ col_fires  # (n_rows, n_cols) pulses, all of one sign per device
-        counts = coincidences * np.outer(np.sign(rows), np.sign(cols)).astype(np.int64)
-        device.pulse(counts, self.clock)
-        self._cache.pop(key, None)
-        fired = int(coincidences.sum())
+        row_fires = (self._rng_train.random((bit_length, rows.size)) < np.abs(rows)).astype(np.float32)
+        col_fires = (self._rng_train.random((bit_length, cols.size)) < np.abs(cols)).astype(np.float32)
+        # (n_rows, n_cols) coincidences, all of one sign per device; float32 counts <= 255 exactly, through BLAS
+        coincidences = (row_fires.T @ col_fires).ravel()
+        flat = np.flatnonzero(coincidences)
+        r, k = np.divmod(flat, cols.size)
+        signs = (np.sign(rows[r]) * np.sign(cols[k])).astype(np.int64)  # +-1: a coincidence needs both non-zero
+        fired = self._fire(key, flat, coincidences[flat].astype(np.int64) * signs)
         self.counters["outer_commands"] += 1
         self.counters["coincidences"] += fired
-        self.counters["pulses"] += fired
         return fired
 
     def read_weights(self, edge: int, feedback: bool = False) -> np.ndarray:
@@ -451,7 +576,7 @@ class ArrayPhysics:
                 moved = np.abs(counts) >= 4  # enough pulses for a usable estimate despite c2c noise
                 measured = np.abs(read - before)[moved] / np.abs(counts[moved])
                 step[moved] = np.clip(0.5 * step[moved] + 0.5 * measured, 0.02 * cfg.dw_min, 5 * cfg.dw_min)
-        self._cache.pop(key, None)
+        self._written(key)
         return float(np.abs(self._effective(key) - target).max())
 
     # ------------------------------------------------------------------------------------------ sample runner
@@ -581,17 +706,40 @@ def _vector(values: object, n: int, what: str) -> np.ndarray:
     return _matrix(values, (n,), what)
 
 
-def _counts(counts: object, shape: tuple[int, int], cap: int) -> np.ndarray:
+def _counts(counts: object, shape: tuple[int, int], cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Checked dense pulse counts in sparse form: (ascending flat indices, non-zero int64 counts)."""
     arr = np.asarray(counts)
     if arr.dtype.kind not in "iu":
         raise ValueRangeError(f"pulse counts must be integers (int8), got dtype {arr.dtype}")
     if arr.shape != tuple(shape):
         raise ValueRangeError(f"pulse counts must have shape {tuple(shape)}, got {arr.shape}")
-    arr = arr.astype(np.int64)
-    worst = int(np.abs(arr).max(initial=0))
+    flat = np.flatnonzero(arr)
+    values = arr.ravel()[flat].astype(np.int64)
+    _check_cap(values, cap)
+    return flat, values
+
+
+def _sparse_counts(index: object, counts: object, shape: tuple[int, int], cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Checked sparse pulse counts: strictly increasing flat indices inside ``shape``, integer counts of the same
+    length; returns them without the zero counts."""
+    size = shape[0] * shape[1]
+    idx, arr = np.asarray(index), np.asarray(counts)
+    if idx.dtype.kind not in "iu" or arr.dtype.kind not in "iu":
+        raise ValueRangeError(f"sparse pulse indices and counts must be integers, got dtypes {idx.dtype}, {arr.dtype}")
+    if idx.ndim != 1 or arr.shape != idx.shape:
+        raise ValueRangeError(f"sparse pulses need 1-d indices and counts of one length, got {idx.shape} and {arr.shape}")
+    idx, arr = idx.astype(np.int64), arr.astype(np.int64)
+    if idx.size and (int(idx[0]) < 0 or int(idx[-1]) >= size or bool(np.any(idx[1:] <= idx[:-1]))):
+        raise ValueRangeError(f"sparse pulse indices must be strictly increasing in 0..{size - 1}, got {idx[:8].tolist()}")
+    _check_cap(arr, cap)
+    keep = arr != 0
+    return idx[keep], arr[keep]
+
+
+def _check_cap(values: np.ndarray, cap: int) -> None:
+    worst = int(np.abs(values).max(initial=0))
     if worst > cap:
         raise ValueRangeError(f"pulse count {worst} exceeds {cap} per device per command")
-    return arr
 
 
 def _etas(eta: object, n_edges: int) -> list[float]:

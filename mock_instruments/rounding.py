@@ -1,0 +1,86 @@
+"""Stochastic rounding of weight increments to pulse counts, at a cost that follows the pulses, not the matrix.
+
+An on-device learning rule asks for ``q`` pulses per device (``q`` = increment / (scale * dw_min), a real number);
+the board fires ``floor(q) + Bernoulli(q - floor(q))`` pulses, capped at ``cap``, so that the expected count is ``q``
+(unbiased, independently per device). Small local-learning steps make ``|q| << 1`` on almost every device and a
+pulse on only a few of them, so drawing one uniform number per device (16k for a 256x64 matrix) is wasted work.
+
+When every ``|q| <= p`` with a small bound ``p`` the same distribution is drawn by *thinning*: candidate devices
+are a Bernoulli(p) process over the flattened matrix (geometric gaps, ~``n p`` draws), and each candidate fires
+with probability ``|q| / p``. Each device then fires independently with probability ``p * |q| / p = |q|``, exactly
+the dense rule for ``|q| <= 1``. Above the bound the dense rule runs. All functions return the sparse form the
+devices take: ascending flat (C-order) indices and non-zero signed int64 counts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SPARSE_BOUND = 0.1  # largest max|q| that is rounded by thinning; above it one uniform per device is cheaper
+_TINY_P = 1e-9  # below this candidate probability geometric gaps could overflow int64: binomial + subset instead
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def bernoulli_positions(rng: np.random.Generator, n: int, p: float) -> np.ndarray:
+    """Ascending positions in ``0..n-1``, each present independently with probability ``p`` (0 < p < 1)."""
+    if n <= 0 or p <= 0:
+        return _EMPTY
+    if p < _TINY_P:  # the count is Binomial(n, p), and given the count the positions are a uniform subset
+        k = int(rng.binomial(n, p))
+        return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64) if k else _EMPTY
+    expect = n * p
+    batch = int(expect + 5.0 * math.sqrt(expect) + 10)  # one batch of gaps almost always runs past n
+    pos = np.cumsum(rng.geometric(p, batch)) - 1
+    while pos[-1] < n:
+        pos = np.concatenate((pos, pos[-1] + np.cumsum(rng.geometric(p, batch))))
+    return pos[: int(np.searchsorted(pos, n))]
+
+
+def dense_counts(rng: np.random.Generator, quanta: np.ndarray, cap: int) -> np.ndarray:
+    """The dense rule: ``clip(floor(q) + (U < q - floor(q)), -cap, cap)`` with one uniform U per device, int64."""
+    low = np.floor(quanta)
+    counts = low + (rng.random(quanta.shape) < quanta - low)
+    return np.clip(counts, -cap, cap).astype(np.int64)
+
+
+def round_matrix(rng: np.random.Generator, quanta: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stochastically rounded pulse counts of a dense ``quanta`` matrix: ``(flat indices, counts)``."""
+    flat_q = quanta.ravel()
+    bound = float(np.abs(flat_q).max(initial=0.0))
+    if bound == 0.0:
+        return _EMPTY, _EMPTY
+    if bound <= SPARSE_BOUND:
+        pos = bernoulli_positions(rng, flat_q.size, bound)
+        q = flat_q[pos]
+        hit = rng.random(pos.size) * bound < np.abs(q)
+        return pos[hit], np.where(q[hit] > 0, 1, -1).astype(np.int64)
+    counts = dense_counts(rng, quanta, cap).ravel()
+    flat = np.flatnonzero(counts)
+    return flat, counts[flat]
+
+
+def round_outer(
+    rng: np.random.Generator, scale: float, a: np.ndarray, b: np.ndarray, cap: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rounded counts of the rank-1 quanta ``scale * outer(a, b)`` (shape ``(a.size, b.size)``), without forming
+    the matrix when the thinning bound holds. Rows with ``a_j == 0`` and columns with ``b_i == 0`` (e.g. dark input
+    pixels) have ``q == 0``, fire nothing and cost nothing."""
+    rows, cols = np.flatnonzero(a), np.flatnonzero(b)
+    if scale == 0 or not rows.size or not cols.size:
+        return _EMPTY, _EMPTY
+    av, bv = scale * a[rows], b[cols]  # q on the non-zero block = outer(av, bv)
+    n = cols.size
+    bound = float(np.abs(av).max() * np.abs(bv).max())  # >= every |av_r * bv_k| also after rounding
+    if bound <= SPARSE_BOUND:
+        pos = bernoulli_positions(rng, rows.size * n, bound)
+        r, k = np.divmod(pos, n)
+        q = av[r] * bv[k]
+        hit = rng.random(pos.size) * bound < np.abs(q)
+        r, k, counts = r[hit], k[hit], np.where(q[hit] > 0, 1, -1).astype(np.int64)
+    else:
+        block = dense_counts(rng, np.multiply.outer(av, bv), cap).ravel()
+        nz = np.flatnonzero(block)
+        (r, k), counts = np.divmod(nz, n), block[nz]
+    return rows[r] * b.size + cols[k], counts
