@@ -167,9 +167,9 @@ class DeviceArray:
         Dense entry point: only the devices with a non-zero count are worked on (see :meth:`pulse_sparse`).
         Returns the flat indices of the devices that moved (stuck devices and zero counts excluded).
         """
-        counts = np.asarray(counts).reshape(self.shape)
-        flat = np.flatnonzero(counts)
-        return self.pulse_flat(flat, counts.ravel()[flat].astype(np.int64), now)
+        counts = np.asarray(counts).reshape(self.shape).ravel()
+        flat = np.flatnonzero(counts != 0)  # on a boolean mask: several times faster than on int8 or float
+        return self.pulse_flat(flat, counts[flat].astype(np.int64), now)
 
     def pulse_sparse(self, flat: np.ndarray, counts: np.ndarray, now: float = 0.0) -> np.ndarray:
         """Fire ``counts[k]`` signed pulses into the device at flat (C-order) index ``flat[k]``.
@@ -214,7 +214,7 @@ class DeviceArray:
         top = int(mag.max())
         idx = flat
         if top > 1:  # sort by pulse count (stable: ties keep ascending flat order; all ones are already sorted)
-            order = np.argsort(-mag, kind="stable")
+            order = np.argsort((top - mag).astype(np.uint8), kind="stable")  # = argsort(-mag): radix sort, O(n)
             idx, mag, sel = flat[order], mag[order], sel[order]
         w = self.w.ravel()[idx]
         w_min, w_max = self.w_min.ravel()[idx], self.w_max.ravel()[idx]
@@ -223,17 +223,14 @@ class DeviceArray:
         else:  # the signed step and the bound it approaches, chosen per device once
             params = (self._dw_signed[sel, idx], self._bound_signed[sel, idx])
         c2c = self.config.dw_min_c2c
-        if top == 1:  # the common case of sparse updates: one pulse each, no prefix bookkeeping
-            step = self._step(w, *params)
-            step *= self._rng_c2c.normal(1.0, c2c, idx.size)  # 1 + c2c xi
-            w = np.clip(w + step, w_min, w_max)
-        else:
-            neg_mag = -mag
-            for p in range(top):
-                k = int(np.searchsorted(neg_mag, -p, side="left"))  # devices with more than p pulses
-                step = self._step(w[:k], *(a[:k] for a in params))
-                step *= self._rng_c2c.normal(1.0, c2c, k)
-                w[:k] = np.clip(w[:k] + step, w_min[:k], w_max[:k])
+        neg_mag = -mag
+        for p in range(top):
+            # devices with more than p pulses (all of them at p = 0: the common one-pulse case needs no search)
+            k = idx.size if p == 0 else int(np.searchsorted(neg_mag, -p, side="left"))
+            step = self._step(w[:k], *(a[:k] for a in params))
+            step *= self._rng_c2c.normal(1.0, c2c, k)  # 1 + c2c xi, cycle to cycle
+            step += w[:k]
+            np.clip(step, w_min[:k], w_max[:k], out=w[:k])
         np.put(self.w, idx, w)
         self._redraw_write_noise(flat)
         return flat

@@ -48,9 +48,9 @@ class CompoundOps:
     def _op_apply_sparse(self, updates: list[dict[str, Any]]) -> bytes:
         return m.encode_response(Opcode.APPLY_SPARSE, pulses=self._apply(self._plan(updates)))
 
-    def _plan(self, updates: list[dict[str, Any]]) -> list[tuple[int, bool, Any]]:
+    def _plan(self, updates: list[dict[str, Any]]) -> list[tuple[int, bool, Any, Any]]:
         """Validate every update against the topology before anything is applied (fpga_serial.md 5.2)."""
-        plan: list[tuple[int, bool, Any]] = []
+        plan: list[tuple[int, bool, Any, Any]] = []  # (edge, feedback, form, payload)
         seen: set[tuple[int, bool]] = set()
         for k, u in enumerate(updates):
             edge, fb = self._edge(u["edge"], u["feedback"])
@@ -69,34 +69,36 @@ class CompoundOps:
                     if v.size and float(np.abs(v).max()) > 1.0:
                         raise _Refused(Status.OUT_OF_RANGE,
                                        f"update {k}: outer {name} must be in [-1, 1], got {float(np.abs(v).max()):g}")
-                plan.append((edge, fb, (u["bit_length"], rows, cols)))
+                plan.append((edge, fb, OUTER, (u["bit_length"], rows, cols)))
                 continue
             counts = np.asarray(u["counts"], dtype=np.int64)
             if form == DENSE:
-                full = self._length(counts, size, f"update {k} dense counts").reshape(shape)
-            else:  # SPARSE16 / SPARSE32 (decode refused other forms)
+                what: Any = self._length(counts, size, f"update {k} dense counts").reshape(shape)
+            else:  # SPARSE16 / SPARSE32 (decode refused other forms): kept sparse, the physics works on the touched
                 index = np.asarray(u["index"], dtype=np.int64)
                 if index.size and (int(index.max()) >= size or np.any(np.diff(index) <= 0)):
                     raise _Refused(Status.OUT_OF_RANGE, f"update {k}: indices must be strictly increasing in "
                                                         f"0..{size - 1}, got {index[:8].tolist()}")
-                full = np.zeros(size, dtype=np.int64)
-                full[index] = counts
-                full = full.reshape(shape)
+                if index.size != counts.size:
+                    raise _Refused(Status.OUT_OF_RANGE, f"update {k}: {index.size} indices but {counts.size} counts")
+                what = (index, counts)
             if counts.size and int(np.abs(counts).max()) > 127:
                 raise _Refused(Status.OUT_OF_RANGE, f"update {k}: pulse count -128 outside -127..127")
-            plan.append((edge, fb, full))
+            plan.append((edge, fb, form, what))
         return plan
 
-    def _apply(self, plan: list[tuple[int, bool, Any]]) -> int:
+    def _apply(self, plan: list[tuple[int, bool, Any, Any]]) -> int:
         """Fire a validated plan; the executed-command counter moves by one for the whole plan (none if empty)."""
         fired = 0
         counters = self.physics.counters
         before = (counters["pulse_commands"], counters["outer_commands"])
-        for edge, fb, what in plan:
-            if isinstance(what, tuple):
+        for edge, fb, form, what in plan:
+            if form == OUTER:
                 fired += self.physics.apply_outer(edge, what[1], what[2], what[0], feedback=fb)
-            else:
+            elif form == DENSE:
                 fired += self.physics.apply_pulses(edge, what, feedback=fb)
+            else:
+                fired += self.physics.apply_pulses_sparse(edge, what[0], what[1], feedback=fb)
         if plan:  # one command on the wire is one executed pulse command, whatever it carried
             counters["pulse_commands"], counters["outer_commands"] = before[0] + 1, before[1]
             self.counters["step_commands"] += 1

@@ -483,6 +483,8 @@ class ArrayPhysics:
     def _fire(self, key: tuple[int, bool], flat: np.ndarray, counts: np.ndarray) -> int:
         """Fire checked sparse counts (ascending flat indices, non-zero, |count| <= 127) into matrix ``key``;
         counts the pulses (those sent to stuck devices too, as the board cannot tell) and returns them."""
+        if not flat.size:
+            return 0
         moved = self._device(key).pulse_flat(flat, counts, self.clock)
         self._written(key, moved)
         fired = int(np.abs(counts).sum())
@@ -523,7 +525,7 @@ class ArrayPhysics:
         col_fires = (self._rng_train.random((bit_length, cols.size)) < np.abs(cols)).astype(np.float32)
         # (n_rows, n_cols) coincidences, all of one sign per device; float32 counts <= 255 exactly, through BLAS
         coincidences = (row_fires.T @ col_fires).ravel()
-        flat = np.flatnonzero(coincidences)
+        flat = np.flatnonzero(coincidences != 0)
         r, k = np.divmod(flat, cols.size)
         signs = (np.sign(rows[r]) * np.sign(cols[k])).astype(np.int64)  # +-1: a coincidence needs both non-zero
         fired = self._fire(key, flat, coincidences[flat].astype(np.int64) * signs)
@@ -713,7 +715,7 @@ def _counts(counts: object, shape: tuple[int, int], cap: int) -> tuple[np.ndarra
         raise ValueRangeError(f"pulse counts must be integers (int8), got dtype {arr.dtype}")
     if arr.shape != tuple(shape):
         raise ValueRangeError(f"pulse counts must have shape {tuple(shape)}, got {arr.shape}")
-    flat = np.flatnonzero(arr)
+    flat = np.flatnonzero(arr.ravel() != 0)  # on a boolean mask: several times faster than on int8
     values = arr.ravel()[flat].astype(np.int64)
     _check_cap(values, cap)
     return flat, values

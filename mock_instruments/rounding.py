@@ -20,6 +20,7 @@ import numpy as np
 
 SPARSE_BOUND = 0.1  # largest max|q| that is rounded by thinning; above it one uniform per device is cheaper
 _TINY_P = 1e-9  # below this candidate probability geometric gaps could overflow int64: binomial + subset instead
+_BATCH_SIGMAS = 5.0  # gaps drawn per batch: mean + this many standard deviations (a short batch is extended)
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
@@ -31,7 +32,7 @@ def bernoulli_positions(rng: np.random.Generator, n: int, p: float) -> np.ndarra
         k = int(rng.binomial(n, p))
         return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64) if k else _EMPTY
     expect = n * p
-    batch = int(expect + 5.0 * math.sqrt(expect) + 10)  # one batch of gaps almost always runs past n
+    batch = max(int(expect + _BATCH_SIGMAS * math.sqrt(expect) + 10), 1)  # one batch almost always runs past n
     pos = np.cumsum(rng.geometric(p, batch)) - 1
     while pos[-1] < n:
         pos = np.concatenate((pos, pos[-1] + np.cumsum(rng.geometric(p, batch))))
@@ -54,10 +55,10 @@ def round_matrix(rng: np.random.Generator, quanta: np.ndarray, cap: int) -> tupl
     if bound <= SPARSE_BOUND:
         pos = bernoulli_positions(rng, flat_q.size, bound)
         q = flat_q[pos]
-        hit = rng.random(pos.size) * bound < np.abs(q)
-        return pos[hit], np.where(q[hit] > 0, 1, -1).astype(np.int64)
+        hit = rng.uniform(0.0, bound, pos.size) < np.abs(q)  # accept with probability |q| / bound
+        return pos[hit], np.sign(q[hit]).astype(np.int64)
     counts = dense_counts(rng, quanta, cap).ravel()
-    flat = np.flatnonzero(counts)
+    flat = np.flatnonzero(counts != 0)
     return flat, counts[flat]
 
 
@@ -67,20 +68,26 @@ def round_outer(
     """Rounded counts of the rank-1 quanta ``scale * outer(a, b)`` (shape ``(a.size, b.size)``), without forming
     the matrix when the thinning bound holds. Rows with ``a_j == 0`` and columns with ``b_i == 0`` (e.g. dark input
     pixels) have ``q == 0``, fire nothing and cost nothing."""
-    rows, cols = np.flatnonzero(a), np.flatnonzero(b)
-    if scale == 0 or not rows.size or not cols.size:
+    if scale == 0:
         return _EMPTY, _EMPTY
-    av, bv = scale * a[rows], b[cols]  # q on the non-zero block = outer(av, bv)
-    n = cols.size
+    rows, cols = np.flatnonzero(a), np.flatnonzero(b)
+    if not rows.size or not cols.size:
+        return _EMPTY, _EMPTY
+    whole_rows, whole_cols = rows.size == a.size, cols.size == b.size
+    av = scale * (a if whole_rows else a[rows])  # q on the non-zero block = outer(av, bv)
+    bv = b if whole_cols else b[cols]
+    n = bv.size
     bound = float(np.abs(av).max() * np.abs(bv).max())  # >= every |av_r * bv_k| also after rounding
     if bound <= SPARSE_BOUND:
-        pos = bernoulli_positions(rng, rows.size * n, bound)
+        pos = bernoulli_positions(rng, av.size * n, bound)
         r, k = np.divmod(pos, n)
         q = av[r] * bv[k]
-        hit = rng.random(pos.size) * bound < np.abs(q)
-        r, k, counts = r[hit], k[hit], np.where(q[hit] > 0, 1, -1).astype(np.int64)
+        hit = rng.uniform(0.0, bound, pos.size) < np.abs(q)  # accept with probability |q| / bound
+        if whole_rows and whole_cols:  # block = matrix: the candidate positions are the flat indices
+            return pos[hit], np.sign(q[hit]).astype(np.int64)
+        r, k, counts = r[hit], k[hit], np.sign(q[hit]).astype(np.int64)
     else:
         block = dense_counts(rng, np.multiply.outer(av, bv), cap).ravel()
-        nz = np.flatnonzero(block)
+        nz = np.flatnonzero(block != 0)
         (r, k), counts = np.divmod(nz, n), block[nz]
-    return rows[r] * b.size + cols[k], counts
+    return (r if whole_rows else rows[r]) * b.size + (k if whole_cols else cols[k]), counts

@@ -1,0 +1,274 @@
+"""The emulator's fast paths keep the model: stochastic rounding by thinning has the dense rule's distribution,
+sparse pulses are the dense pulses draw for draw, the cached input drive and the in-place refreshed effective
+matrices give the floats a full recomputation gives, and the sparse pulse command refuses bad input untouched.
+
+Statistical checks use enough draws that a tolerance of ~4-5 standard errors is still tight; the seeds are fixed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import physics as physics_bench
+from eqprop_hil.mock_instruments import rounding
+from eqprop_hil.mock_instruments.devices import DeviceArray, DeviceConfig
+from eqprop_hil.mock_instruments.physics import ArrayConfig, ArrayPhysics
+from eqprop_hil.protocols.errors import ValueRangeError
+
+from .test_physics import assert_same
+
+
+def per_device_counts(flat_counts: list[tuple[np.ndarray, np.ndarray]], size: int) -> np.ndarray:
+    """(draws, size) dense counts from a list of sparse (flat, counts) results."""
+    out = np.zeros((len(flat_counts), size), dtype=np.int64)
+    for k, (flat, counts) in enumerate(flat_counts):
+        assert flat.dtype == np.int64 and counts.dtype == np.int64
+        assert np.all(np.diff(flat) > 0) and np.all(counts != 0)  # the sparse form the devices take
+        out[k, flat] = counts
+    return out
+
+
+def test_bernoulli_positions_are_independent_with_probability_p() -> None:
+    rng = np.random.default_rng(0)
+    n, p, draws = 200, 0.03, 20000
+    hits = np.zeros((draws, n), dtype=bool)
+    for k in range(draws):
+        pos = rounding.bernoulli_positions(rng, n, p)
+        assert np.all(np.diff(pos) > 0) and (not pos.size or (pos[0] >= 0 and pos[-1] < n))
+        hits[k, pos] = True
+    freq = hits.mean(axis=0)  # every position: Bernoulli(p), standard error sqrt(p (1 - p) / draws) ~ 0.0012
+    assert np.abs(freq - p).max() < 5 * np.sqrt(p * (1 - p) / draws)
+    total = hits.sum(axis=1)  # Binomial(n, p): mean 6, variance 5.82
+    assert total.mean() == pytest.approx(n * p, abs=5 * np.sqrt(n * p * (1 - p) / draws))
+    assert total.var() == pytest.approx(n * p * (1 - p), rel=0.05)
+    pair = (hits[:, :-1] & hits[:, 1:]).mean()  # neighbours independent (no gap structure leaks through)
+    assert pair == pytest.approx(p * p, abs=5 * np.sqrt(p * p / (draws * (n - 1))))
+
+
+def test_bernoulli_positions_tiny_probability_and_extension_paths(monkeypatch) -> None:
+    rng = np.random.default_rng(1)
+    n, p = 10**10, 5e-10  # below the geometric path's floor: Binomial count, then a uniform subset
+    draws = [rounding.bernoulli_positions(rng, n, p) for _ in range(400)]
+    assert all(np.all(np.diff(d) > 0) and (not d.size or d[-1] < n) for d in draws)
+    assert np.mean([d.size for d in draws]) == pytest.approx(5.0, abs=5 * np.sqrt(5 / 400))
+    # batches of gaps made to fall short of n: they are extended, the count stays Binomial(n, p)
+    monkeypatch.setattr(rounding, "_BATCH_SIGMAS", -3.0)
+    sizes = [rounding.bernoulli_positions(rng, 5000, 0.3).size for _ in range(2000)]
+    assert np.mean(sizes) == pytest.approx(1500, abs=5 * np.sqrt(1050 / 2000))
+    assert np.var(sizes) == pytest.approx(1050, rel=0.2)
+    assert rounding.bernoulli_positions(rng, 0, 0.5).size == 0
+
+
+@pytest.mark.parametrize("scale", [0.9, 40.0], ids=["thinning", "dense"])
+def test_round_outer_is_unbiased_independent_and_one_quantum_off(scale: float) -> None:
+    """scale 0.9: max |q| <= 0.1 (candidates + thinning); scale 40: |q| up to 4.4 (one uniform per device)."""
+    rng = np.random.default_rng(2)
+    a = np.array([0.11, -0.05, 0.0, 0.02, -0.1])
+    b = np.array([1.0, 0.0, 0.4, -0.7])  # a zero row and a zero column: q == 0 there, never a pulse
+    q = scale * np.outer(a, b)
+    assert (np.abs(q).max() <= rounding.SPARSE_BOUND) == (scale < 1)
+    draws = per_device_counts([rounding.round_outer(rng, scale, a, b, 127) for _ in range(40000)], q.size)
+    floor = np.floor(q).ravel()
+    assert np.all((draws == floor) | (draws == floor + 1))  # never more than one quantum off
+    frac = q.ravel() - floor
+    se = np.sqrt(frac * (1 - frac) / draws.shape[0])
+    np.testing.assert_array_less(np.abs(draws.mean(axis=0) - q.ravel()), 5 * se + 1e-12)  # unbiased, every device
+    assert not draws[:, q.ravel() == 0].any()
+    live = np.flatnonzero(frac > 0)
+    corr = np.corrcoef(draws[:, live].T.astype(float))  # independent devices: no correlation beyond the noise
+    assert np.abs(corr - np.eye(live.size)).max() < 5 / np.sqrt(draws.shape[0])
+
+
+def test_round_matrix_matches_the_dense_rule_in_distribution() -> None:
+    rng = np.random.default_rng(3)
+    q = np.array([[0.08, -0.02, 0.0], [0.001, -0.08, 0.05]])  # thinning bound 0.08
+    thin = per_device_counts([rounding.round_matrix(rng, q, 127) for _ in range(60000)], q.size)
+    dense = np.stack([rounding.dense_counts(rng, q, 127).ravel() for _ in range(60000)])
+    se = np.sqrt(np.abs(q.ravel()) * (1 - np.abs(q.ravel())) / 60000)
+    for draws in (thin, dense):
+        np.testing.assert_array_less(np.abs(draws.mean(axis=0) - q.ravel()), 5 * se + 1e-12)
+        assert set(np.unique(draws)) <= {-1, 0, 1}
+    big = np.array([[300.0, -1000.0], [2.5, -0.5]])  # over the bound: the dense rule, capped
+    flat, counts = rounding.round_matrix(rng, big, 127)
+    assert counts[:2].tolist() == [127, -127] and counts[2] in (2, 3)
+    assert rounding.round_matrix(rng, np.zeros((3, 3)), 127)[0].size == 0
+
+
+DEVICE_CASES = {
+    "soft_bounds": dict(model="soft_bounds"),
+    "noisy": dict(model="soft_bounds", write_noise=1.0, stuck_fraction=0.2, drift_nu=0.05),
+    "power": dict(model="power", gamma_up=1.5, gamma_down=0.7),
+    "constant": dict(model="constant"),
+    "ideal": dict(model="ideal"),
+}
+
+
+@pytest.mark.parametrize("case", DEVICE_CASES)
+def test_sparse_pulse_is_the_dense_pulse_draw_for_draw(case: str) -> None:
+    cfg = DeviceConfig(**DEVICE_CASES[case])
+    shape = (30, 20)
+    init = np.random.default_rng(4).uniform(-0.3, 0.3, shape)
+    dense = DeviceArray(cfg, shape, init, np.random.SeedSequence(9))
+    sparse = DeviceArray(cfg, shape, init, np.random.SeedSequence(9))
+    rng = np.random.default_rng(5)
+    for t in range(6):
+        counts = rng.integers(-4, 5, shape) * (rng.random(shape) < 0.1)
+        counts[0, 0] = 200 if t == 0 else 0  # one long train (the prefix loop) in the first command
+        flat = np.flatnonzero(counts)
+        moved_dense = dense.pulse(counts, now=10.0 * t)
+        moved_sparse = sparse.pulse_sparse(flat, counts.ravel()[flat], now=10.0 * t)
+        np.testing.assert_array_equal(moved_dense, moved_sparse)
+        assert_same(dense.state(), sparse.state())
+        np.testing.assert_array_equal(dense.visible(10.0 * t + 3), sparse.visible(10.0 * t + 3))
+        np.testing.assert_array_equal(sparse.visible_at(flat, 10.0 * t + 3), sparse.visible(10.0 * t + 3).ravel()[flat])
+    assert not np.array_equal(dense.w, init)
+
+
+def test_pulse_sparse_refuses_malformed_input() -> None:
+    d = DeviceArray(DeviceConfig(), (4, 3), np.zeros((4, 3)), np.random.SeedSequence(0))
+    before = d.state()
+    for flat, counts in [([3, 1], [1, 1]), ([0, 12], [1, 1]), ([-1], [1]), ([1], [256]), ([1, 2], [1]),
+                         (np.array([1.0]), [1])]:
+        with pytest.raises(ValueRangeError):
+            d.pulse_sparse(np.asarray(flat), np.asarray(counts))
+    assert_same(before, d.state())
+
+
+def board(feedback: str, seed: int = 6) -> ArrayPhysics:
+    cfg = ArrayConfig(sizes=[12, 20, 7, 4], skips=[(0, 2), (1, 3)], feedback=feedback, seed=seed)
+    return ArrayPhysics(cfg)
+
+
+@pytest.mark.parametrize("feedback", ["tied", "untied"])
+def test_cached_input_drive_gives_the_states_of_a_full_recomputation(feedback: str) -> None:
+    """Twin boards, one of which forgets its cached drive before every step: same floats, through weight writes
+    (pulses, outer trains, programming, local learning), scale changes and new inputs."""
+    a, b = board(feedback=feedback), board(feedback=feedback)
+    x = np.random.default_rng(7).uniform(0, 1, (3, 12))
+
+    def both(action) -> None:
+        action(a)
+        action(b)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            a.step(1)
+            b._drive.clear()
+            b.step(1)
+            assert_same(a.state_dict(), b.state_dict())
+
+    both(lambda p: (p.set_input(x[0]), p.set_phase("FREE")))
+    steps(5)
+    both(lambda p: p.apply_pulses(0, np.eye(20, 12, dtype=np.int8) * 3))
+    steps(2)
+    both(lambda p: p.apply_outer(3, np.full(7, 0.5), np.linspace(-1, 1, 12), 31))  # the skip out of the input
+    steps(2)
+    both(lambda p: p.set_scale(0, 1.7))
+    steps(2)
+    both(lambda p: p.program_weights(0, np.clip(p.read_weights(0), -0.2, 0.2).astype(float), tolerance=0.05))
+    steps(2)
+    both(lambda p: p.set_input(x[1]))
+    steps(2)
+    both(lambda p: (p.set_local_learning(True, [0.05, 0.05, 0.05, 0.05, 0.05], 0.5),
+                    p.set_nudge_target(np.array([1.0, 0, 0, 0]), 0.5), p.set_phase("NUDGE")))
+    steps(4)
+    assert a.counters["local_updates"] == 4 and a.counters["pulses"] > 0
+    for e in range(5):  # the cached effective matrices, refreshed in place, equal a full re-read
+        for fb in (False, True):
+            key = (e, fb)
+            if key in a._cache:
+                device = a._device(key)
+                np.testing.assert_array_equal(a._cache[key], a.scale(e, fb) * device.visible(a.clock))
+
+
+@pytest.mark.parametrize("largest", [0.08, 0.7], ids=["thinning", "dense"])
+def test_local_learning_fires_the_expected_number_of_pulses(largest: float) -> None:
+    """Tied C-EP on real devices: over many repeats of one step the mean pulse count per device is the quanta
+    ``eta / beta * (outer(s'_j, s'_i) - outer(s_j, s_i)) / (scale * dw_min)``, on the rank-1 input edge and on the
+    hidden edge alike, with the largest |quanta| below the thinning bound and above it."""
+    quiet = dict(model="constant", dw_min_d2d=0.0, dw_min_c2c=0.0, up_down_d2d=0.0, w_bounds_d2d=0.0,
+                 w_max=100.0, w_min=-100.0)
+    p = ArrayPhysics(ArrayConfig(sizes=[6, 5, 3], device=DeviceConfig(**quiet), seed=8))
+    p.set_input(np.array([0.0, 0.2, 0.9, 0.5, 0.0, 1.0]))  # dark inputs: columns that never fire
+    p.set_phase("FREE")
+    p.step(40)
+    p.set_nudge_target(np.array([1.0, 0.0, 0.0]), 0.5)
+    p.set_phase("NUDGE")
+    p.step(1)
+    old = p._states
+    new = p._next_states()
+    beta, draws = 0.5, 3000
+    rule = [np.outer(new[j], new[i]) - np.outer(old[j], old[i]) for i, j in p.edges]
+    eta = [largest * beta * 0.001 / np.abs(r).max() for r in rule]  # largest |quanta| = `largest` on each edge
+    p.set_local_learning(True, eta, beta)
+    expect = [eta[e] / beta * rule[e] / 0.001 for e in range(2)]
+    got = [np.zeros(q.shape) for q in expect]
+    for _ in range(draws):  # the same step over and over: only the rounding is random
+        before = [d.w.copy() for d in p._w]
+        p._local_update(old, new, beta)
+        for e, d in enumerate(p._w):
+            got[e] += np.rint((d.w - before[e]) / 0.001)
+    for q, n in zip(expect, got):
+        assert np.abs(q).max() == pytest.approx(largest)
+        se = np.sqrt(np.abs(q) * (1 - np.abs(q)) / draws)
+        np.testing.assert_array_less(np.abs(n / draws - q), 5 * se + 1e-9)
+    assert not got[0][:, [0, 4]].any()
+    assert p.counters["local_updates"] == draws
+
+
+def sparse_board() -> ArrayPhysics:
+    return ArrayPhysics(ArrayConfig(sizes=[3, 4, 2], device=DeviceConfig(write_noise=0.5), seed=10))
+
+
+def test_apply_pulses_sparse_equals_the_dense_command() -> None:
+    a, b = sparse_board(), sparse_board()
+    counts = np.zeros((4, 3), dtype=np.int8)
+    counts[0, 1], counts[2, 2], counts[3, 0] = 5, -127, 1
+    flat = np.flatnonzero(counts)
+    assert a.apply_pulses(0, counts) == b.apply_pulses_sparse(0, flat, counts.ravel()[flat]) == 133
+    assert b.apply_pulses_sparse(1, np.array([], dtype=np.int64), np.array([], dtype=np.int8)) == 0
+    for _ in range(2):  # one command each, as the two sparse ones
+        a.apply_pulses(1, np.zeros((2, 4), dtype=np.int8))
+    assert b.apply_pulses_sparse(1, np.array([2, 5], dtype=np.uint16), np.array([0, 0], dtype=np.int8)) == 0
+    assert_same(a.state_dict(), b.state_dict())
+
+
+BAD_SPARSE = {
+    "not increasing": ([5, 2], [1, 1]),
+    "repeated": ([2, 2], [1, 1]),
+    "outside": ([0, 12], [1, 1]),
+    "negative": ([-1, 3], [1, 1]),
+    "count 128": ([1], [128]),
+    "count -128": ([1], [-128]),
+    "float counts": ([1], [1.0]),
+    "float index": ([1.0], [1]),
+    "lengths": ([1, 2], [1]),
+    "2-d": ([[1, 2]], [[1, 1]]),
+}
+
+
+@pytest.mark.parametrize("name", BAD_SPARSE)
+def test_apply_pulses_sparse_refuses_bad_input_and_changes_nothing(name: str) -> None:
+    p = sparse_board()
+    p.apply_pulses(0, np.ones((4, 3), dtype=np.int8))
+    snap = p.state_dict()
+    index, counts = BAD_SPARSE[name]
+    with pytest.raises(ValueRangeError):
+        p.apply_pulses_sparse(0, np.asarray(index), np.asarray(counts))
+    assert_same(snap, p.state_dict())
+
+
+def test_benchmark_quick_prints_the_table_and_writes_json(tmp_path, capsys) -> None:
+    out = tmp_path / "physics.json"
+    physics_bench.main(["--quick", "--sizes", "8,16,4", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "Emulator physics per call" in text and "soft_bounds ms" in text and "ideal ms" in text
+    data = json.loads(out.read_text())
+    for model in ("soft_bounds", "ideal"):
+        figures = data["ms_per_call"][model]
+        assert set(figures) == {"train_sample", "infer", "step free", "step nudged+learn", "read_state",
+                                "apply_pulses (128 nz)", "apply_outer (bl 31)"}
+        assert all(v > 0 for v in figures.values())
