@@ -115,7 +115,8 @@ class DeviceArray:
             self.w_min = np.minimum(c.w_min * (1 + c.w_bounds_d2d * d2d.standard_normal(shape)), 0.05 * c.w_min)
             self.stuck = d2d.random(shape) < c.stuck_fraction
         # C-contiguous on purpose: sparse writes go through ravel() views of w, noise and written_at
-        self.w = np.ascontiguousarray(np.clip(np.asarray(initial, dtype=np.float64).reshape(shape), self.w_min, self.w_max))
+        initial = np.asarray(initial, dtype=np.float64).reshape(shape)
+        self.w = np.ascontiguousarray(np.clip(initial, self.w_min, self.w_max))
         self.noise = np.zeros(shape)  # read-visible write noise
         # per-device parameters by pulse sign (row 0: up, row 1: down), gathered once per pulse command; the device
         # parameters never change after construction
@@ -158,7 +159,8 @@ class DeviceArray:
 
     def _redraw_write_noise(self, flat: np.ndarray) -> None:
         if self.config.write_noise > 0 and not self.config.ideal:
-            self.noise.ravel()[flat] = self.config.write_noise * self.config.dw_min * self._rng_write.standard_normal(flat.size)
+            sigma = self.config.write_noise * self.config.dw_min
+            self.noise.ravel()[flat] = sigma * self._rng_write.standard_normal(flat.size)
 
     # ---------------------------------------------------------------------------------------------- writes
     def pulse(self, counts: np.ndarray, now: float = 0.0) -> np.ndarray:
@@ -211,7 +213,7 @@ class DeviceArray:
         self._settle_drift(flat, now)
         mag = np.abs(counts)
         sel = (counts < 0).astype(np.intp)  # 0: potentiating pulses, 1: depressing pulses
-        top = int(mag.max())
+        top = int(np.maximum.reduce(mag))  # the ufunc itself: the method's wrappers cost more here
         idx = flat
         if top > 1:  # sort by pulse count (stable: ties keep ascending flat order; all ones are already sorted)
             order = np.argsort((top - mag).astype(np.uint8), kind="stable")  # = argsort(-mag): radix sort, O(n)
@@ -230,7 +232,7 @@ class DeviceArray:
             step = self._step(w[:k], *(a[:k] for a in params))
             step *= self._rng_c2c.normal(1.0, c2c, k)  # 1 + c2c xi, cycle to cycle
             step += w[:k]
-            np.clip(step, w_min[:k], w_max[:k], out=w[:k])
+            np.minimum(np.maximum(step, w_min[:k], out=step), w_max[:k], out=w[:k])  # = np.clip, less overhead
         np.put(self.w, idx, w)
         self._redraw_write_noise(flat)
         return flat

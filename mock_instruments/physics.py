@@ -487,7 +487,7 @@ class ArrayPhysics:
             return 0
         moved = self._device(key).pulse_flat(flat, counts, self.clock)
         self._written(key, moved)
-        fired = int(np.abs(counts).sum())
+        fired = int(np.add.reduce(np.abs(counts)))
         self.counters["pulses"] += fired
         return fired
 
@@ -729,10 +729,12 @@ def _sparse_counts(index: object, counts: object, shape: tuple[int, int], cap: i
     if idx.dtype.kind not in "iu" or arr.dtype.kind not in "iu":
         raise ValueRangeError(f"sparse pulse indices and counts must be integers, got dtypes {idx.dtype}, {arr.dtype}")
     if idx.ndim != 1 or arr.shape != idx.shape:
-        raise ValueRangeError(f"sparse pulses need 1-d indices and counts of one length, got {idx.shape} and {arr.shape}")
+        raise ValueRangeError(
+            f"sparse pulses need 1-d indices and counts of one length, got {idx.shape} and {arr.shape}")
     idx, arr = idx.astype(np.int64), arr.astype(np.int64)
     if idx.size and (int(idx[0]) < 0 or int(idx[-1]) >= size or bool(np.any(idx[1:] <= idx[:-1]))):
-        raise ValueRangeError(f"sparse pulse indices must be strictly increasing in 0..{size - 1}, got {idx[:8].tolist()}")
+        raise ValueRangeError(
+            f"sparse pulse indices must be strictly increasing in 0..{size - 1}, got {idx[:8].tolist()}")
     _check_cap(arr, cap)
     keep = arr != 0
     return idx[keep], arr[keep]

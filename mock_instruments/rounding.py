@@ -49,7 +49,7 @@ def dense_counts(rng: np.random.Generator, quanta: np.ndarray, cap: int) -> np.n
 def round_matrix(rng: np.random.Generator, quanta: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
     """Stochastically rounded pulse counts of a dense ``quanta`` matrix: ``(flat indices, counts)``."""
     flat_q = quanta.ravel()
-    bound = float(np.abs(flat_q).max(initial=0.0))
+    bound = float(np.maximum.reduce(np.abs(flat_q)))
     if bound == 0.0:
         return _EMPTY, _EMPTY
     if bound <= SPARSE_BOUND:
@@ -77,7 +77,7 @@ def round_outer(
     av = scale * (a if whole_rows else a[rows])  # q on the non-zero block = outer(av, bv)
     bv = b if whole_cols else b[cols]
     n = bv.size
-    bound = float(np.abs(av).max() * np.abs(bv).max())  # >= every |av_r * bv_k| also after rounding
+    bound = float(np.maximum.reduce(np.abs(av)) * np.maximum.reduce(np.abs(bv)))  # >= every |av_r bv_k| (rounded too)
     if bound <= SPARSE_BOUND:
         pos = bernoulli_positions(rng, av.size * n, bound)
         r, k = np.divmod(pos, n)

@@ -272,3 +272,63 @@ def test_benchmark_quick_prints_the_table_and_writes_json(tmp_path, capsys) -> N
         assert set(figures) == {"train_sample", "infer", "step free", "step nudged+learn", "read_state",
                                 "apply_pulses (128 nz)", "apply_outer (bl 31)"}
         assert all(v > 0 for v in figures.values())
+
+
+@pytest.mark.parametrize("feedback", ["tied", "untied"])
+def test_ideal_board_is_bit_for_bit_the_plain_formulas(feedback: str) -> None:
+    """The fast paths (one vector per step, in-place activation, cached drive, buffered increments, in-place cache
+    refresh) change no float on ideal devices: the states and weights equal, exactly, the rule written plainly
+    (docs/dynamics.md: u_k = b_k + sum of edge terms in edge order; C-EP / C-VF increments, effective = scale * w)."""
+    sizes, skips = [6, 9, 5, 4], [(0, 2), (1, 3)]
+    p = ArrayPhysics(ArrayConfig(sizes=sizes, skips=skips, feedback=feedback, device=DeviceConfig(model="ideal"),
+                                 seed=11))
+    untied = feedback == "untied"
+    edges = p.topology()["edges"]
+    gains, scales = [1.0, 0.4, 1.0, 1.0, 0.8], [2.0, 1.0, 0.5, 1.0, 1.0]
+    biases = [np.zeros(6)] + [np.linspace(-0.1, 0.2, n) for n in sizes[1:]]
+    eta, beta = [0.02, 0.03, 0.01, 0.02, 0.015], 0.4
+    for e in range(5):
+        p.set_gain(e, gains[e])
+        p.set_scale(e, scales[e])
+    for k in range(1, 4):
+        p.set_bias(k, biases[k])
+    w = [p._w[e].w.copy() for e in range(5)]  # device units; effective = scale * w
+    b = [p._b[e].w.copy() if p._b[e] is not None else None for e in range(5)]
+    rho = lambda v: 0.5 * (1.0 + np.tanh(2.0 * (v - 0.5)))  # noqa: E731
+
+    def plain_step(s: list[np.ndarray], y: np.ndarray | None) -> list[np.ndarray]:
+        u = [bias.copy() for bias in biases]
+        for e, (i, j) in enumerate(edges):
+            u[j] += (scales[e] * w[e]) @ s[i]
+            if i >= 1:
+                u[i] += gains[e] * ((1.0 * b[e] if untied else (scales[e] * w[e]).T) @ s[j])
+        new = [s[0]] + [rho(u[k]) for k in range(1, 4)]
+        if y is not None:
+            new[3] = new[3] + beta * (y - s[3])
+        return new
+
+    x, y = np.linspace(0.0, 1.0, 6), np.array([1.0, 0.0, 0.0, 0.0])
+    p.set_local_learning(True, eta, beta)
+    for sample in range(3):
+        out = p.train_sample(x * (sample + 1) / 3, y, beta, 12, 5)
+        s = [x * (sample + 1) / 3] + [np.zeros(n) for n in sizes[1:]]
+        for _ in range(12):
+            s = plain_step(s, None)
+        np.testing.assert_array_equal(out, s[3].astype(np.float32))
+        for _ in range(5):
+            new = plain_step(s, y)
+            for e, (i, j) in enumerate(edges):
+                rate = eta[e] / beta
+                if untied:
+                    w[e] += rate * np.outer(new[j] - s[j], s[i]) / scales[e]
+                    if i >= 1:
+                        b[e] += rate * np.outer(new[i] - s[i], s[j])
+                else:
+                    w[e] += rate * (np.outer(new[j], new[i]) - np.outer(s[j], s[i])) / scales[e]
+            s = new
+        for e in range(5):
+            np.testing.assert_array_equal(p._w[e].w, w[e])
+            if b[e] is not None:
+                np.testing.assert_array_equal(p._b[e].w, b[e])
+        for got, want in zip(p._states, s):
+            np.testing.assert_array_equal(got, want)
