@@ -6,6 +6,13 @@ so that comparing the two catches mistakes in either. Hardware runs one sample a
 
 Every public method validates all of its arguments before it touches any state: a bad value raises
 :class:`eqprop_hil.protocols.errors.ValueRangeError` and leaves the array exactly as it was (``state_dict()`` unchanged).
+
+Speed without a different model (``benchmarks/physics.py``): effective matrices are cached and refreshed in place
+at the devices a command wrote; the drive of the clamped input is computed once per (weights, input); the non-input
+layers of a step share one vector (one bias add, one activation); local updates are rounded to pulses by thinning
+(``rounding.py``: the dense rule's distribution at a cost that follows the pulses) and fired in sparse form. Ideal
+devices give the same floats as the plain formulas (tests/test_physics_fast.py); real devices draw different random
+numbers from the same distributions than before these paths existed.
 """
 
 from __future__ import annotations
