@@ -103,3 +103,20 @@ def test_compound_step_entry_round_trips_through_a_journal_file(tmp_path) -> Non
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueRangeError, match="local"):
         pulses.PulseEncoder("local", steps(), cap=8, bit_length=31, seed=0)
+
+
+def test_rounding_on_the_support_only_is_unbiased_and_leaves_the_rest_untouched() -> None:
+    """A term whose column vector has zeros (input pixels at 0 V) is rounded on its support only: those columns
+    get no pulse with certainty, the others are still unbiased with each device's own step sizes."""
+    st = steps()
+    up, down = st[(0, False)]
+    enc = pulses.PulseEncoder("matrix", st, cap=8, bit_length=31, seed=1)
+    a, b = np.array([0.01, -0.02, 0.0, 0.015, 0.03]), np.array([0.2, 0.0, 0.1])
+    term = ("outer2", 0.5, (a, b), (np.full(5, 0.01), np.zeros(3)))  # the second term vanishes (clamped input)
+    inc = pulses.dense(term)
+    draws = np.stack([enc.term_counts((0, False), term, np.random.default_rng(k)) for k in range(4000)])
+    assert draws.dtype == np.int8 and draws.shape[1:] == SHAPE
+    assert not draws[:, :, 1].any() and not draws[:, 2, :].any()  # zero column / zero row: never a pulse
+    mean_change = np.where(draws >= 0, draws * up, draws * down).mean(axis=0)
+    np.testing.assert_allclose(mean_change, inc, atol=4e-4)
+    assert enc.term_counts((0, False), ("outer1", 0.5, a, np.zeros(3)), np.random.default_rng(0)) is None

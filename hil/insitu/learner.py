@@ -490,7 +490,7 @@ class InSituLearner:
             self.guard.restarted = False
             try:
                 out = self._sample(x, y)
-                if not (self.guard.restarted or self.guard.rebooted()):
+                if not (self.guard.restarted or self.guard.sample_rebooted()):
                     return out
                 why = "the instrument rebooted during the sample"
             except RedoSample as e:

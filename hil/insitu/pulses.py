@@ -28,6 +28,7 @@ from eqprop_hil.protocols.errors import ValueRangeError
 # A term is ("outer1", c, a, b) meaning c a b^T, or ("outer2", c, (a1, b1), (a2, b2)) meaning c (a1 b1^T + a2 b2^T).
 Term = tuple
 Key = tuple[int, bool]  # (edge, feedback)
+_U64 = (1 << 64) - 1
 
 
 def continual_increments(rule: str, edges: Sequence[tuple[int, int]], feedback: Sequence[bool], eta: Sequence[float],
@@ -79,16 +80,22 @@ class PulseEncoder:
             raise ValueRangeError(f"pulse encoding for update mode {mode!r}: use matrix or outer")
         self.mode, self.steps, self.cap, self.bit_length, self.seed = mode, steps, int(cap), int(bit_length), seed
         # pulses per unit of increment, float32: the rounding runs on every device at every step (the hot path)
-        self._per_unit = {k: ((1.0 / np.asarray(up)).astype(np.float32), (1.0 / np.asarray(down)).astype(np.float32))
-                          for k, (up, down) in steps.items()}
+        # stored as (mean, half difference) of the two: quanta = inc * mean + |inc| * half_diff picks the
+        # potentiating or depressing step by sign in two products, without a select over the matrix
+        per = {k: (1.0 / np.asarray(up, np.float64), 1.0 / np.asarray(down, np.float64)) for k, (up, down) in steps.items()}
+        self._per_unit = {k: (((u + d) / 2).astype(np.float32), ((u - d) / 2).astype(np.float32),
+                              bool(np.any(u != d))) for k, (u, d) in per.items()}
         # outer mode: one nominal step per matrix, the median of the devices' mean of up and down steps
         self._outer_dw = {k: float(np.median(np.add(up, down)) / 2) for k, (up, down) in steps.items()}
         self.counters = counters if counters is not None else {"clipped": 0}  # the learner's, to survive a rebuild
         self.counters.setdefault("clipped", 0)
 
     def rng(self, sample: int, step: int, key: Key) -> np.random.Generator:
-        """Counter-based: the rounding noise is a function of (seed, sample, step, matrix)."""
-        return np.random.default_rng([self.seed, sample, step, key[0], int(key[1])])
+        """Counter-based: the rounding noise is a function of (seed, sample, step, matrix). Philox keyed by
+        (seed, sample) with (step, matrix) in the counter's high words (the low word counts the draws, so two
+        steps' streams never overlap); a third of the cost of seeding a generator from a sequence."""
+        counter = [0, int(step) & _U64, 2 * int(key[0]) + int(key[1]), 0]
+        return np.random.Generator(np.random.Philox(counter=counter, key=[int(self.seed) & _U64, int(sample) & _U64]))
 
     def commands(self, increments: dict[Key, Term], *, sample: int, step: int) -> list[dict]:
         """The pulse commands (``{"edge", "feedback", "mode", "counts"}`` or ``{..., "rows", "cols",
@@ -98,22 +105,57 @@ class PulseEncoder:
             if self.mode == "outer":
                 out.extend(self.outer(key, term))
                 continue
-            counts = self.counts(key, dense(term), self.rng(sample, step, key))
-            if counts.any():
+            counts = self.term_counts(key, term, self.rng(sample, step, key))
+            if counts is not None:
                 out.append({"edge": key[0], "feedback": key[1], "mode": "matrix", "counts": counts})
         return out
 
-    def counts(self, key: Key, inc: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Stochastic rounding of ``inc / step`` (unbiased), clipped to +-cap: int8 ``(n_dst, n_src)``."""
-        per_up, per_down = self._per_unit[key]
+    def counts(self, key: Key, inc: np.ndarray, rng: np.random.Generator, *, rows: Any = slice(None),
+               cols: Any = slice(None)) -> np.ndarray:
+        """Stochastic rounding of ``inc / step`` (unbiased), clipped to +-cap: int8 of ``inc``'s shape, which is
+        the matrix's ``(n_dst, n_src)`` or, with ``rows`` / ``cols`` (index arrays), that part of it."""
+        per_mean, per_half_diff, asymmetric = self._per_unit[key]
         inc = np.asarray(inc, dtype=np.float32)
-        quanta = inc * np.where(inc >= 0, per_up, per_down)
+        quanta = inc * _part(per_mean, rows, cols)
+        if asymmetric:
+            quanta += np.abs(inc) * _part(per_half_diff, rows, cols)
         floor = np.floor(quanta)
-        counts = floor + (rng.random(inc.shape, dtype=np.float32) < (quanta - floor))
+        quanta -= floor  # the fractional part: the probability of the extra pulse
+        counts = floor + (rng.random(inc.shape, dtype=np.float32) < quanta)
         if np.abs(counts).max(initial=0) > self.cap:
             self.counters["clipped"] += int((np.abs(counts) > self.cap).sum())
             counts = np.clip(counts, -self.cap, self.cap)
         return counts.astype(np.int8)
+
+    def term_counts(self, key: Key, term: Term, rng: np.random.Generator) -> np.ndarray | None:
+        """:meth:`counts` of a rank-1 term's increment, rounded on its support only (None: no pulse at all).
+
+        A term is zero outside the rows where its row vectors are non-zero and the columns where its column
+        vectors are: an input pixel at 0 V, or an input layer that the clamp keeps still (its C-EP term
+        ``s_j (s'_i - s_i)^T`` vanishes), gives exactly zero increments there, which round to no pulse with
+        certainty. So only the support draws rounding noise: on the 8x8 digits about half the input matrix.
+        """
+        kind, c, a, b = term
+        pairs = [(c, a, b)] if kind == "outer1" else [(c, *a), (c, *b)]
+        pairs = [(coef, u, v) for coef, u, v in pairs if coef != 0 and np.any(u) and np.any(v)]
+        if not pairs:
+            return None
+        n_rows, n_cols = len(pairs[0][1]), len(pairs[0][2])
+        rows = np.flatnonzero(np.logical_or.reduce([u != 0 for _, u, _ in pairs]))
+        cols = np.flatnonzero(np.logical_or.reduce([v != 0 for _, _, v in pairs]))
+        all_rows, all_cols = rows.size == n_rows, cols.size == n_cols
+        pick_r = slice(None) if all_rows else rows
+        pick_c = slice(None) if all_cols else cols
+        inc = sum(np.multiply.outer(np.float32(coef) * np.asarray(u, np.float32)[pick_r],
+                                    np.asarray(v, np.float32)[pick_c]) for coef, u, v in pairs)
+        sub = self.counts(key, inc, rng, rows=pick_r, cols=pick_c)
+        if not sub.any():
+            return None
+        if all_rows and all_cols:
+            return sub
+        out = np.zeros((n_rows, n_cols), np.int8)
+        out[np.ix_(rows, cols) if not (all_rows or all_cols) else (pick_r, pick_c)] = sub
+        return out
 
     def outer(self, key: Key, term: Term) -> list[dict]:
         """A rank-1 term ``c a b^T`` as pulse trains: expected pulses per device ``BL |r_i| |q_k|`` should be
@@ -136,6 +178,16 @@ class PulseEncoder:
                         "rows": (np.sign(coef) * (u / nu) * r).astype(np.float32),
                         "cols": ((v / nv) * r).astype(np.float32), "bit_length": bl})
         return out
+
+
+def _part(matrix: np.ndarray, rows: Any, cols: Any) -> np.ndarray:
+    """``matrix[rows][:, cols]`` for index arrays or full slices, gathering only what is kept (a scalar step
+    size, one for every device, stays as it is)."""
+    if np.ndim(matrix) < 2 or (isinstance(rows, slice) and isinstance(cols, slice)):
+        return matrix
+    if not isinstance(rows, slice):
+        matrix = matrix.take(rows, axis=0)
+    return matrix if isinstance(cols, slice) else matrix.take(cols, axis=1)
 
 
 # ---------------------------------------------------------------------------------------- compound steps

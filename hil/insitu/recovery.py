@@ -102,6 +102,7 @@ class Guard:
         self.restarted = False  # a reboot was seen while sending pulses: the sample must be redone
         self.instance: str | None = None  # the power-up instance the run's weights live on (None: not reported)
         self.base = (0, 0)  # (board counter, journal applied count) when the counter was last taken as reference
+        self._offered: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ instance identity and reconciliation
     def bind(self) -> None:
@@ -138,9 +139,18 @@ class Guard:
         return now
 
     # ------------------------------------------------------------------ probes of the instrument
+    def _offers(self, name: str) -> bool:
+        """Whether the driver has attribute ``name``, asked of its class where it can be: ``hasattr`` on a SCPI
+        property is a round trip. Cached per name (a driver's attributes do not change while it is open)."""
+        known = self._offered.get(name)
+        if known is None:
+            cls = type(self.array)
+            known = self._offered[name] = hasattr(cls, name) or hasattr(self.array, name)
+        return known
+
     def executed(self) -> int:
         """The instrument's non-volatile count of executed pulse commands (matrix and outer)."""
-        if hasattr(self.array, "pulse_commands_executed"):  # analog board: PULSe:COUNt?
+        if self._offers("pulse_commands_executed"):  # analog board: PULSe:COUNt?
             return self.retry(lambda: self.array.pulse_commands_executed, "PULS:COUN?")
         c = self.retry(self.array.counters, "COUNTERS")  # FPGA array
         return int(c["physics_pulse_commands"]) + int(c.get("physics_outer_commands", 0))
@@ -148,7 +158,7 @@ class Guard:
     def read_boot(self) -> int | None:
         """The boot counter, where the instrument reports one without being asked (FPGA: in every response)
         or on request (analog board: ``SYSTem:BOOT?``)."""
-        if hasattr(self.array, "boot_count"):
+        if self._offers("boot_count"):
             return self.retry(lambda: self.array.boot_count, "SYST:BOOT?")
         link = getattr(self.array, "link", None)
         return getattr(link, "boot", None)
@@ -158,6 +168,15 @@ class Guard:
         self.expected = self.executed()
         self.boot = self.read_boot()
         self.base = (self.expected, self.journal.applied_count())
+
+    def sample_rebooted(self) -> bool:
+        """:meth:`rebooted` at the end of a training sample, without the round trip where fencing already
+        answers it: on a bound, fenced board every state-changing command carries the instance id, a reboot
+        draws a new one, and the next command (this sample's or the next sample's first) is refused with
+        InstanceChanged, which rolls back to the checkpoint. Unfenced drivers are polled as before."""
+        if self.instance is not None and hasattr(self.array, "bound_instance"):
+            return False
+        return self.rebooted()
 
     def rebooted(self) -> bool:
         """True once per reboot that happened since the last :meth:`sync` / :meth:`rebooted`."""
