@@ -3,7 +3,7 @@
 Runs `hil train` (the real CLI, the real transports) with the digits-hw preset on each emulator with its default
 soft-bounds devices (30 % device-to-device variation, 30 % cycle-to-cycle noise) in each update mode, the
 software engine with the same preset (same rates, schedule, batch 1, epochs), and backprop on the same sizes and
-activation (digits-bp, Adam, the same epochs), for each seed. Prints the last-epoch test accuracy of every run,
+activation (digits-bp, Adam, the same epochs and the preset's batch size 1), for each seed. Prints the last-epoch test accuracy of every run,
 the median over seeds, the gaps in points (in situ - software engine, software engine - backprop) and wall times.
 
     python benchmarks/insitu_accuracy.py [--epochs N] [--seeds 0,1,2] [--modes matrix,outer,local]
@@ -80,8 +80,11 @@ def main() -> None:
             jobs.append(("software engine", f"software s{seed}", seed,
                          ["--preset", PRESET, "--instrument", "software", *common]))
             # backprop: the same sizes and activation; the preset's epochs unless --epochs
+            # and the preset's batch size (1, the hardware's): the same number of updates as the EP learner;
+            # digits-bp's own batch 20 makes 20x fewer Adam steps, which at 5-8 epochs is an undertrained baseline
             bp_epochs = epochs or ["--epochs", str(_preset_epochs())]
-            jobs.append(("backprop", f"backprop s{seed}", seed, ["--preset", "digits-bp", "--seed", str(seed), *bp_epochs]))
+            jobs.append(("backprop", f"backprop s{seed}", seed, ["--preset", "digits-bp", "--seed", str(seed),
+                                                                 "--batch-size", str(_preset_batch()), *bp_epochs]))
         for inst in [i for i in a.instruments.split(",") if i]:
             for mode in [m for m in a.modes.split(",") if m]:
                 jobs.append((f"{inst} {mode}", f"{inst} {mode} s{seed}", seed,
@@ -120,6 +123,12 @@ def report(table: dict, n_epochs: int, seeds: list[int], out: str) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({"preset": PRESET, "epochs": n_epochs, "seeds": seeds, "table": table},
                                       indent=1))
+
+
+def _preset_batch() -> int:
+    from eqprop_hil.config import resolve
+
+    return resolve(PRESET).train.batch_size
 
 
 def _preset_epochs() -> int:
