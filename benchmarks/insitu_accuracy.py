@@ -3,7 +3,7 @@
 Runs `hil train` (the real CLI, the real transports) with the digits-hw preset on each emulator with its default
 soft-bounds devices (30 % device-to-device variation, 30 % cycle-to-cycle noise) in each update mode, the
 software engine with the same preset (same rates, schedule, batch 1, epochs), and backprop on the same sizes and
-activation (digits-bp, Adam, the same epochs), for each seed. Prints the last-epoch test accuracy of every run,
+activation (digits-bp, Adam, the same epochs and the preset's batch size 1), for each seed. Prints the last-epoch test accuracy of every run,
 the median over seeds, the gaps in points (in situ - software engine, software engine - backprop) and wall times.
 
     python benchmarks/insitu_accuracy.py [--epochs N] [--seeds 0,1,2] [--modes matrix,outer,local]
@@ -11,7 +11,9 @@ the median over seeds, the gaps in points (in situ - software engine, software e
 
 ``--epochs`` defaults to the preset's. Each run is one `hil train` process; ``--workers`` of them at a time (the
 machine's cores are shared: the wall times are those of the runs as they ran, side by side).
-Writes benchmarks/out/insitu_accuracy.json.
+Writes benchmarks/out/insitu_accuracy.json. ``--instruments ""`` runs the baselines only; ``--combine A.json
+B.json ...`` prints one table from the outputs of several invocations (rows of later files win) and writes it
+to ``--out``.
 """
 
 from __future__ import annotations
@@ -57,7 +59,18 @@ def main() -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip the software engine and backprop runs")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--out", default=str(OUT / "insitu_accuracy.json"))
+    p.add_argument("--combine", nargs="+", metavar="FILE", help="print (and write to --out) one table from "
+                   "these outputs of earlier invocations instead of running anything")
     a = p.parse_args()
+    if a.combine:
+        docs = [json.loads(Path(f).read_text()) for f in a.combine]
+        epochs_seen = {d["epochs"] for d in docs}
+        if len(epochs_seen) != 1:
+            raise SystemExit(f"--combine: the files ran different epochs {sorted(epochs_seen)}; not one table")
+        table = {row: t for d in docs for row, t in d["table"].items()}
+        seeds = sorted({int(s) for t in table.values() for s in t["by_seed"]})
+        report(table, epochs_seen.pop(), seeds, a.out)
+        return
     seeds = [int(s) for s in a.seeds.split(",")]
     epochs = ["--epochs", str(a.epochs)] if a.epochs else []
     jobs: list[tuple[str, str, int, list[str]]] = []  # (row, label, seed, args)
@@ -67,10 +80,13 @@ def main() -> None:
             jobs.append(("software engine", f"software s{seed}", seed,
                          ["--preset", PRESET, "--instrument", "software", *common]))
             # backprop: the same sizes and activation; the preset's epochs unless --epochs
+            # and the preset's batch size (1, the hardware's): the same number of updates as the EP learner;
+            # digits-bp's own batch 20 makes 20x fewer Adam steps, which at 5-8 epochs is an undertrained baseline
             bp_epochs = epochs or ["--epochs", str(_preset_epochs())]
-            jobs.append(("backprop", f"backprop s{seed}", seed, ["--preset", "digits-bp", "--seed", str(seed), *bp_epochs]))
-        for inst in a.instruments.split(","):
-            for mode in a.modes.split(","):
+            jobs.append(("backprop", f"backprop s{seed}", seed, ["--preset", "digits-bp", "--seed", str(seed),
+                                                                 "--batch-size", str(_preset_batch()), *bp_epochs]))
+        for inst in [i for i in a.instruments.split(",") if i]:
+            for mode in [m for m in a.modes.split(",") if m]:
                 jobs.append((f"{inst} {mode}", f"{inst} {mode} s{seed}", seed,
                              ["--preset", PRESET, "--instrument", INSTRUMENTS[inst].format(seed=seed),
                               "--update-mode", mode, *common]))
@@ -87,9 +103,13 @@ def main() -> None:
                    "median_wall_s": statistics.median(r["wall_s"] for r in rs),
                    "median_train_s": statistics.median(r["train_s"] for r in rs), "runs": rs}
              for row, rs in results.items()}
+    report(table, a.epochs or _preset_epochs(), seeds, a.out)
+
+
+def report(table: dict, n_epochs: int, seeds: list[int], out: str) -> None:
+    """Print the accuracy table (gaps against the software engine, and its gap against backprop); write it."""
     ref = table.get("software engine", {}).get("median")
     bp = table.get("backprop", {}).get("median")
-    n_epochs = a.epochs or _preset_epochs()
     print(f"{PRESET}, {n_epochs} epochs, seeds {seeds}, last-epoch test accuracy (median of seeds)")
     print(f"{'run':18s} {'median %':>9s} {'gap pts':>8s}  {'by seed %':24s} {'wall s':>7s} {'train s':>8s}")
     for row, t in table.items():
@@ -100,9 +120,15 @@ def main() -> None:
         print(f"{row:18s} {100 * t['median']:9.2f} {gap:>8s}  {seeds_txt:24s} {t['median_wall_s']:7.0f} "
               f"{t['median_train_s']:8.1f}")
     print("gap: in situ - software engine; for the software engine: software engine - backprop")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"preset": PRESET, "epochs": n_epochs, "seeds": seeds, "table": table},
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"preset": PRESET, "epochs": n_epochs, "seeds": seeds, "table": table},
                                       indent=1))
+
+
+def _preset_batch() -> int:
+    from eqprop_hil.config import resolve
+
+    return resolve(PRESET).train.batch_size
 
 
 def _preset_epochs() -> int:

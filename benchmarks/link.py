@@ -1,6 +1,7 @@
 """Link benchmark: command latency, bytes on the wire per C-EP step, and how much of a serial link training uses.
 
     python benchmarks/link.py [--repetitions 200] [--max-seconds 6] [--quick] [--out FILE]
+    python benchmarks/link.py --round-trips-only [--round-trip-calls 300]     # (d) alone, ~1 minute
 
 Everything goes through the real transports and drivers against the emulators (``eqprop_hil.drivers.open_array`` on
 ``sim://`` URLs): the analog board over TCP with pyvisa-py, the FPGA array over a pty and over ``socket://``.
@@ -22,6 +23,9 @@ Everything goes through the real transports and drivers against the emulators (`
     FpgaServer's link-rate limit and the measured samples/s set beside the prediction
     1 / (1 / unlimited + bytes / capacity) (transfer and compute do not overlap in a request/response loop);
     runs that would take longer than ``--max-seconds`` are not measured (shown as "-").
+
+(d) Fixed cost of one round trip (emulator in its own process): per-call microseconds of a trivial query,
+    read_state, step([], 1) and a compound step with 140 sparse pulse counts, on analog/tcp, fpga/pty, fpga/socket.
 
 Timings are wall clock on a possibly shared machine: read them as orders of magnitude; bytes are exact.
 Writes benchmarks/out/link.json.
@@ -250,6 +254,74 @@ def median_run(fn: Callable[[], dict], repeats: int) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- (d) round trips
+ROUND_TRIP_TARGETS = {
+    "analog/tcp": f"sim://analog?{SMALL}&process=own",
+    "fpga/pty": f"sim://fpga?{SMALL}&transport=pty&process=own",
+    "fpga/socket": f"sim://fpga?{SMALL}&transport=tcp&process=own",
+}
+SPARSE_PULSES = (120, 20)  # nonzero pulse counts in the 256x64 and 10x256 matrices of the compound step
+
+
+def _sparse_counts(rng: np.random.Generator, shape: tuple[int, int], k: int) -> np.ndarray:
+    counts = np.zeros(shape, np.int8)
+    counts.flat[rng.choice(counts.size, k, replace=False)] = rng.choice(np.array([-1, 1], np.int8), k)
+    return counts
+
+
+def round_trips(calls: int, runs: int = 3) -> list[dict]:
+    """Fixed cost of one driver round trip, emulator in a process of its own (as hardware would be): per-call
+    microseconds (median over ``runs`` runs of ``calls`` calls, after 10 warm-up calls) of a trivial query
+    (analog ``SYST:BOOT?``; FPGA: the feedback gain of edge 0, its smallest query), read_state, step([], 1) and
+    a compound step carrying 140 sparse pulse counts (120 on edge 0, 20 on edge 1; signs alternate per call so
+    the weights stay put). The compound step includes the emulator's pulse physics."""
+    from eqprop_hil.drivers import open_array
+
+    rng = np.random.default_rng(0)
+    c0, c1 = _sparse_counts(rng, (256, 64), SPARSE_PULSES[0]), _sparse_counts(rng, (10, 256), SPARSE_PULSES[1])
+    out = []
+    for name, url in ROUND_TRIP_TARGETS.items():
+        with open_array(url) as a:
+            a.set_phase("FREE")
+            sign = [1]
+
+            def compound() -> None:
+                sign[0] = -sign[0]
+                a.step([{"edge": 0, "counts": (sign[0] * c0).astype(np.int8)},
+                        {"edge": 1, "counts": (sign[0] * c1).astype(np.int8)}], 1)
+
+            query = (lambda: a.boot_count) if hasattr(a, "boot_count") else (lambda: a.feedback_gain(0))
+            commands: list[tuple[str, Callable[[], Any]]] = [
+                ("trivial query", query), ("read_state", a.read_state), ("step([], 1)", lambda: a.step([], 1)),
+                (f"step, {sum(SPARSE_PULSES)} sparse counts", compound)]
+            for label, fn in commands:
+                wire = counted(a, fn)
+                for _ in range(10):
+                    fn()
+                per_call = []
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    per_call.append((time.perf_counter() - t0) / calls * 1e6)
+                out.append({"link": name, "command": label, "us_per_call": median(per_call),
+                            "us_per_call_runs": per_call, "calls": calls, "bytes_sent": wire.get("bytes_sent", 0),
+                            "bytes_received": wire.get("bytes_received", 0),
+                            "round_trips": wire.get("round_trips", 0)})
+    return out
+
+
+def print_round_trips(rows: list[dict], calls: int) -> None:
+    print_table(
+        f"(d) Fixed cost of one round trip, 64-256-10 emulator in its own process, {calls} calls x 3 runs",
+        ["link", "command", "us/call", "runs us", "B sent", "B recv", "RT"],
+        [[r["link"], r["command"], r["us_per_call"], " ".join(f"{x:.0f}" for x in r["us_per_call_runs"]),
+          r["bytes_sent"], r["bytes_received"], r["round_trips"]] for r in rows],
+        notes=["us/call: wall time of one driver call, median of 3 runs (microseconds); runs us: each run's mean",
+               "trivial query: analog SYST:BOOT? (boot_count); FPGA feedback_gain(0)",
+               "the compound step includes the emulator's pulse physics; the others are link + dispatch cost"])
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -258,10 +330,26 @@ def main(argv: list[str] | None = None) -> dict:
                         help="(c): skip a link-limited run predicted to take longer than this (default 6 s)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 5 repetitions, 3 samples, (c) on the small network and unmeasured")
-    parser.add_argument("--out", default=str(OUT_DIR / "link.json"), help="JSON output path")
+    parser.add_argument("--out", default=None,
+                        help="JSON output path (default benchmarks/out/link.json; link_round_trips.json for "
+                             "--round-trips-only)")
+    parser.add_argument("--round-trip-calls", type=int, default=300,
+                        help="(d): calls per run of the round-trip micro-benchmark (default 300)")
+    parser.add_argument("--round-trips-only", action="store_true",
+                        help="run (d) only, the per-call round-trip micro-benchmark (writes link_round_trips.json "
+                             "unless --out is given)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repetitions, args.max_seconds = 5, 0.5
+        args.repetitions, args.max_seconds, args.round_trip_calls = 5, 0.5, 5
+    if args.round_trip_calls < 1:
+        parser.error("--round-trip-calls must be >= 1")
+    if args.round_trips_only:
+        logging.getLogger("hil").setLevel(logging.ERROR)
+        rt = round_trips(args.round_trip_calls)
+        print_round_trips(rt, args.round_trip_calls)
+        path = write_json(args.out or OUT_DIR / "link_round_trips.json", {"benchmark": "link_round_trips", "environment": environment(), "round_trips": rt})
+        print(f"\nwrote {path}")
+        return {"round_trips": rt}
     if args.repetitions < 1 or not args.max_seconds > 0:
         parser.error("--repetitions must be >= 1 and --max-seconds > 0")
     logging.getLogger("hil").setLevel(logging.ERROR)  # write-verify residual warnings are not what we measure
@@ -304,9 +392,12 @@ def main(argv: list[str] | None = None) -> dict:
                "capacity (8N1, 10 bits per byte): 115200 baud = 11,520 B/s, 921600 baud = 92,160 B/s, "
                "12 Mbit/s = 1,200,000 B/s"])
 
+    rt = round_trips(args.round_trip_calls)
+    print_round_trips(rt, args.round_trip_calls)
+
     payload = {"benchmark": "link", "repetitions": args.repetitions, "environment": environment(),
-               "latency": lat, "step_bytes": steps, "link_share": share}
-    path = write_json(args.out, payload)
+               "latency": lat, "step_bytes": steps, "link_share": share, "round_trips": rt}
+    path = write_json(args.out or OUT_DIR / "link.json", payload)
     print(f"\nwrote {path}")
     return payload
 

@@ -116,6 +116,8 @@ class FpgaLink:
         self._seq = int.from_bytes(os.urandom(2), "little")  # a fresh session never collides with cached seqs
         self._lock = threading.RLock()
         self._reader = FrameReader()
+        # in_waiting is an exact byte count for OS ports and the loop:// / rfc2217:// handlers, not for socket://
+        self._exact_in_waiting = not port.lower().startswith(("socket://", "spy://"))
         self.token = token  # sent in AUTH on every (re)connection when set (fpga_serial.md 7.1)
         self._in_auth = False
         self._serial = self._open()
@@ -302,6 +304,34 @@ class FpgaLink:
         if not self._in_auth:  # a failure inside AUTH itself is reported by _authenticate
             self._authenticate()
 
+    def _read_available(self, left: float) -> bytes:
+        """Block (up to ``left`` seconds) for the first byte, then take whatever else has arrived, without waiting.
+
+        A port of the operating system (a device path, a pty) or of a URL handler whose ``in_waiting`` is an
+        exact count: its timeout stays the link's (``timeout_s``, set at open) and the rest is read by count,
+        because every change of a posix port's timeout re-applies its termios settings (flock, tcgetattr,
+        tcsetattr: tens of microseconds, twice per round trip). ``socket://``: its ``in_waiting`` only says 0
+        or 1 (byte-wise reads of a 64 KiB reply cost seconds), so the rest is read with timeout 0, which that
+        handler sets for free.
+        """
+        port = self._serial
+        if self._exact_in_waiting:
+            wait_s = serial_s(self.timeout_s)
+            if port.timeout != wait_s:  # timeout_s changed since the port was opened
+                port.timeout = wait_s
+            data = port.read(1)
+            if data:
+                waiting = port.in_waiting
+                if waiting:
+                    data += port.read(waiting)
+            return data
+        port.timeout = serial_s(left)
+        data = port.read(1)
+        if data:
+            port.timeout = 0
+            data += port.read(1 << 16)
+        return data
+
     def _await(self, seq: int, opcode: Opcode) -> tuple[Any, str]:
         """Read until the response to ``seq`` arrives (frame, "") or a reason to retransmit (None, why)."""
         want = int(opcode) | m.RESPONSE_BIT
@@ -316,13 +346,7 @@ class FpgaLink:
                     return None, f"timeout after a partial response: {partial}"
                 return None, f"no response within {self.timeout_s:g} s"
             try:
-                # Block for the first byte, then take whatever else has arrived without waiting: the socket://
-                # handler's in_waiting only says 0 or 1, and byte-wise reads of a 64 KiB reply cost seconds.
-                self._serial.timeout = serial_s(left)
-                data = self._serial.read(1)
-                if data:
-                    self._serial.timeout = 0
-                    data += self._serial.read(1 << 16)
+                data = self._read_available(left)
             except (serial.SerialException, OSError) as e:
                 log.warning("read from %s failed (%s); reconnecting", self.port, e)
                 self._reconnect()

@@ -67,6 +67,7 @@ class _Client:
         self.opened = self.last_rx = self.last_active = time.monotonic()
         self.received = 0
         self.close_after_send = False
+        self.writing = False  # registered for EVENT_WRITE too (unsent output waits)
         self.items: deque = deque()  # complete messages (or scanner errors) waiting for their turn
 
 
@@ -346,13 +347,17 @@ class AnalogServer:
             self._net["bytes_out"] += sent
             del client.out[:sent]
         if client.out:
-            self._sel.modify(client.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
+            if not client.writing:
+                self._sel.modify(client.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
+                client.writing = True
         else:
             if client.close_after_send:
                 self._drop(client, "closed by a fault")
                 return
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.modify(client.sock, selectors.EVENT_READ, client)
+            if client.writing:  # only on a change: an epoll_ctl per reply costs a system call for nothing
+                with contextlib.suppress(KeyError, ValueError):
+                    self._sel.modify(client.sock, selectors.EVENT_READ, client)
+                client.writing = False
 
     # ------------------------------------------------------------------------------------------ messages
     def _answer(self, client: _Client, items: list) -> None:

@@ -38,7 +38,7 @@ from eqprop_hil.mock_instruments.fpga_device import FpgaDevice
 from eqprop_hil.protocols import fpga_messages as m
 from eqprop_hil.protocols.auth import check_token, tokens_match
 from eqprop_hil.protocols.errors import ProtocolError, ValueRangeError
-from eqprop_hil.protocols.framing import DELIMITER, FrameDecodeError, FrameReader, decode_frame, encode_frame
+from eqprop_hil.protocols.framing import DELIMITER, Frame, FrameDecodeError, FrameReader, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +192,12 @@ class FpgaServer:
     def _write_fd(self, fd: int, data: bytes) -> bool:
         view = memoryview(data)
         while view and not self._stop.is_set():
-            _, ready, _ = select.select([], [fd], [], _POLL_S)
-            if not ready:
-                continue
-            try:
+            try:  # write first: a reply nearly always fits the pty's buffer; wait only when it is full
                 view = view[os.write(fd, view) :]
-            except BlockingIOError:
                 continue
+            except BlockingIOError:
+                pass
+            select.select([], [fd], [], _POLL_S)
         return not view
 
     def _serve_tcp(self) -> None:
@@ -278,11 +277,12 @@ class FpgaServer:
         self.link["rx_bytes"] += len(data)
         self._pace_rx(len(data), session)
         for item in reader.feed_raw(data):
-            if not isinstance(item, FrameDecodeError) and not session.handshaken:
+            frame: Frame | None = None
+            if not isinstance(item, FrameDecodeError):
                 with contextlib.suppress(FrameDecodeError):  # a bad frame leaves the connection a stranger
-                    decode_frame(item)
+                    frame = decode_frame(item)  # decoded once here, for the gate and the device
                     session.handshaken = True  # a valid frame: the connection is a host, not a stray socket
-            gate = self._gate(item, session)
+            gate = self._gate(item, session, frame)
             if gate is not None:  # answered here: an AUTH, or a refusal
                 reply, refused = gate
                 if reply is not None:
@@ -296,7 +296,7 @@ class FpgaServer:
                     reply = self.device.reject(item)
                 else:
                     raw = self.faults.on_request(item) if self.faults is not None else item
-                    reply = self._dispatch(raw)
+                    reply = self._dispatch(raw, frame if raw is item else None)
                 plan = self.faults.on_response(DELIMITER + reply) if reply is not None and self.faults else None
             if reply is None:
                 continue
@@ -315,14 +315,10 @@ class FpgaServer:
             if plan.data:
                 self._send(plan.data, send, session)
 
-    def _gate(self, item: bytes | FrameDecodeError, session: "_Session") -> tuple[bytes | None, bool] | None:
-        """Access control before the device: None lets ``item`` through; else (response or None, refused)."""
-        frame = None
-        if not isinstance(item, FrameDecodeError):
-            try:
-                frame = decode_frame(item)
-            except FrameDecodeError:
-                frame = None
+    def _gate(self, item: bytes | FrameDecodeError, session: "_Session",
+              frame: Frame | None = None) -> tuple[bytes | None, bool] | None:
+        """Access control before the device: None lets ``item`` through; else (response or None, refused).
+        ``frame``: ``item`` decoded (None if it is not a valid frame)."""
         if frame is not None and frame.opcode == m.Opcode.AUTH:
             try:
                 token = m.decode_request(m.Opcode.AUTH, frame.payload)["token"]
@@ -350,7 +346,11 @@ class FpgaServer:
         payload = m.encode_envelope(status, self.device.boot, body, self.device.instance)
         return encode_frame(seq, (int(opcode) & 0x7F) | m.RESPONSE_BIT, payload)
 
-    def _dispatch(self, raw: bytes) -> bytes | None:
+    def _dispatch(self, raw: bytes, frame: Frame | None = None) -> bytes | None:
+        """The device's answer(s) to ``raw``; ``frame``: ``raw`` already decoded (the common case, no fault)."""
+        if frame is not None:
+            action = self.faults.before_command() if self.faults is not None else "run"
+            return self.device.handle(frame, action)
         # A corrupted request may now hold a 0x00: the device's receiver would see two frames.
         replies = []
         for piece in raw.split(DELIMITER):

@@ -134,6 +134,10 @@ def format_numbers(values: object) -> str:
 # ---------------------------------------------------------------------------------------------------- scanning
 
 
+_SCAN_SPECIAL = re.compile(rb'[\n#" \t]')  # the bytes MessageScanner.feed looks at one by one
+_SCAN_STOPS = frozenset(b'\n#" \t')
+
+
 class MessageScanner:
     """Splits an incoming byte stream into program messages.
 
@@ -197,6 +201,17 @@ class MessageScanner:
                 self._skip -= take
                 continue
             byte = buf[self._pos]
+            if byte not in _SCAN_STOPS and not self._discard:  # a run of plain text: jump to its end at once
+                match = _SCAN_SPECIAL.search(buf, self._pos)
+                end = len(buf) if match is None else match.start()
+                self._text += end - self._pos
+                self._pos = end
+                if self._text > MAX_LINE_BYTES:
+                    error = ScpiCommandError(-363, f"more than {MAX_LINE_BYTES} bytes of text without LF")
+                    error.prefix = bytes(buf[:64])
+                    out.append(error)
+                    self._discard = True
+                continue
             if self._discard:
                 nl = buf.find(b"\n", self._pos)
                 if nl < 0:
@@ -292,17 +307,37 @@ def _node_matches(token: str, mnemonic: str) -> bool:
     return token.upper() in (short, mnemonic.upper())
 
 
+def _node_forms(mnemonic: str) -> tuple[str, ...]:
+    """The upper-cased spellings :func:`_node_matches` accepts for one node: short form and whole word."""
+    short = "".join(c for c in mnemonic if c.isupper() or c.isdigit())
+    return tuple(dict.fromkeys((short, mnemonic.upper())))
+
+
+def _header_table() -> dict[tuple[bool, str], CommandSpec]:
+    """Every header spelling the board accepts, upper-cased without leading ':' or trailing '?', keyed with
+    whether it is a query -> the first command (in table order) that accepts it: the same answer as matching
+    node by node with :func:`_node_matches`, in one dict lookup per message."""
+    table: dict[tuple[bool, str], CommandSpec] = {}
+    for spec in COMMANDS:
+        for variant in spec.variants:
+            spellings = [""]
+            for i, mnemonic in enumerate(variant):
+                sep = ":" if i else ""
+                spellings = [f"{done}{sep}{form}" for done in spellings for form in _node_forms(mnemonic)]
+            for spelling in spellings:
+                table.setdefault((spec.query, spelling), spec)
+    return table
+
+
+_HEADERS = _header_table()
+
+
 def match_header(header: str) -> CommandSpec:
     """Find the command a header names (``phas``, ``:SYST:ERR:NEXT?``, ``*idn?``); -113 if none does."""
-    query = header.endswith("?")
-    nodes = header.rstrip("?").lstrip(":").split(":")
-    for spec in COMMANDS:
-        if spec.query != query:
-            continue
-        for variant in spec.variants:
-            if len(variant) == len(nodes) and all(_node_matches(t, m) for t, m in zip(nodes, variant)):
-                return spec
-    raise ScpiCommandError(-113, f"{header!r}")
+    spec = _HEADERS.get((header.endswith("?"), header.rstrip("?").lstrip(":").upper()))
+    if spec is None:
+        raise ScpiCommandError(-113, f"{header!r}")
+    return spec
 
 
 def _tokens(data: bytes) -> list[bytes]:
