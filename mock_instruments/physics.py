@@ -366,15 +366,15 @@ class ArrayPhysics:
         s, starts = self._states, self._starts
         out = np.empty(starts[-1])
         u = [out[:0]] + [out[starts[k - 1]:starts[k]] for k in range(1, len(starts))]
+        weights = [self._effective((e, False)) for e in range(len(self.edges))]  # once per step (drift: a read)
         for e in range(self._n_chain):  # chain edge e = (e, e + 1)
-            w = self._effective((e, False))
             if e == 0:
-                np.copyto(u[1], self._input_drive(0, w, s[0]))
+                np.copyto(u[1], self._input_drive(0, weights[0], s[0]))
             else:
-                np.matmul(w, s[e], out=u[e + 1])
+                np.matmul(weights[e], s[e], out=u[e + 1])
         out += self._bias_all
         for e, (i, j) in enumerate(self.edges):
-            w = self._effective((e, False))
+            w = weights[e]
             if e >= self._n_chain:
                 u[j] += self._input_drive(e, w, s[0]) if i == 0 else w @ s[i]
             if i >= 1:

@@ -15,7 +15,7 @@ import pytest
 from benchmarks import physics as physics_bench
 from eqprop_hil.mock_instruments import rounding
 from eqprop_hil.mock_instruments.devices import DeviceArray, DeviceConfig
-from eqprop_hil.mock_instruments.physics import ArrayConfig, ArrayPhysics
+from eqprop_hil.mock_instruments.physics import ACTIVATIONS, ACTIVATIONS_INPLACE, ArrayConfig, ArrayPhysics
 from eqprop_hil.protocols.errors import ValueRangeError
 
 from .test_physics import assert_same
@@ -332,3 +332,12 @@ def test_ideal_board_is_bit_for_bit_the_plain_formulas(feedback: str) -> None:
                 np.testing.assert_array_equal(p._b[e].w, b[e])
         for got, want in zip(p._states, s):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_in_place_activations_are_the_activations(name: str) -> None:
+    x = np.random.default_rng(12).normal(0.5, 2.0, 1000)
+    x[:4] = [0.5, -0.0, 1e300, -1e-300]
+    y = x.copy()
+    ACTIVATIONS_INPLACE[name](y)
+    np.testing.assert_array_equal(y, ACTIVATIONS[name](x))
