@@ -40,10 +40,30 @@ def bernoulli_positions(rng: np.random.Generator, n: int, p: float) -> np.ndarra
 
 
 def dense_counts(rng: np.random.Generator, quanta: np.ndarray, cap: int) -> np.ndarray:
-    """The dense rule: ``clip(floor(q) + (U < q - floor(q)), -cap, cap)`` with one uniform U per device, int64."""
-    low = np.floor(quanta)
-    counts = low + (rng.random(quanta.shape) < quanta - low)
-    return np.clip(counts, -cap, cap).astype(np.int64)
+    """The dense rule as a matrix: ``clip(floor(q + U), -cap, cap)``, one uniform U per device, int64 (see
+    :func:`dense_sparse`)."""
+    return np.clip(_floor_q_plus_u(rng, quanta), -cap, cap).astype(np.int64)
+
+
+def dense_sparse(rng: np.random.Generator, quanta: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """The dense rule in sparse form: ``(flat indices, counts)`` of ``clip(floor(q + U), -cap, cap) != 0``.
+
+    ``floor(q + U)`` with U uniform in [0, 1) is ``floor(q) + 1`` with probability ``q - floor(q)`` and
+    ``floor(q)`` otherwise: stochastic rounding in three passes over the matrix (draw, add, floor); the zero test,
+    the cap and the integer conversion then touch the non-zero counts only.
+    """
+    counts = _floor_q_plus_u(rng, quanta).ravel()
+    flat = np.flatnonzero(counts != 0)
+    values = counts[flat]
+    if values.size and np.maximum.reduce(np.abs(values)) > cap:
+        np.clip(values, -cap, cap, out=values)
+    return flat, values.astype(np.int64)
+
+
+def _floor_q_plus_u(rng: np.random.Generator, quanta: np.ndarray) -> np.ndarray:
+    u = rng.random(quanta.shape)
+    u += quanta
+    return np.floor(u, out=u)
 
 
 def round_matrix(rng: np.random.Generator, quanta: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,9 +77,7 @@ def round_matrix(rng: np.random.Generator, quanta: np.ndarray, cap: int) -> tupl
         q = flat_q[pos]
         hit = rng.uniform(0.0, bound, pos.size) < np.abs(q)  # accept with probability |q| / bound
         return pos[hit], np.sign(q[hit]).astype(np.int64)
-    counts = dense_counts(rng, quanta, cap).ravel()
-    flat = np.flatnonzero(counts != 0)
-    return flat, counts[flat]
+    return dense_sparse(rng, quanta, cap)
 
 
 def round_outer(
@@ -87,7 +105,6 @@ def round_outer(
             return pos[hit], np.sign(q[hit]).astype(np.int64)
         r, k, counts = r[hit], k[hit], np.sign(q[hit]).astype(np.int64)
     else:
-        block = dense_counts(rng, np.multiply.outer(av, bv), cap).ravel()
-        nz = np.flatnonzero(block != 0)
-        (r, k), counts = np.divmod(nz, n), block[nz]
+        nz, counts = dense_sparse(rng, np.multiply.outer(av, bv), cap)
+        r, k = np.divmod(nz, n)
     return (r if whole_rows else rows[r]) * b.size + (k if whole_cols else cols[k]), counts
