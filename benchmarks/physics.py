@@ -2,11 +2,14 @@
 
     python benchmarks/physics.py [--sizes 64,256,10] [--repeats 7] [--calls 50] [--out FILE.json] [--quick]
 
-For a soft-bounds board (the default device statistics) and an ideal board, both seed 0, sigmoid4, local learning
-eta = [1e-4, 5e-5] (the in-situ learner's local-mode rates for lr 0.01/0.005 at beta 0.2 and rate 0.05):
+For a soft-bounds board (the default device statistics) and an ideal board, both seed 0, sigmoid4, inputs uniform
+in [0, 1):
 
 - ``train_sample``: one on-device C-EP sample (reset, clamp, t1 = 30 free steps, read, t2 = 10 nudged steps with
-  the local rule), what a local-mode ``TRAIN?`` / TRAIN_SAMPLE runs;
+  the local rule), what a local-mode ``TRAIN?`` / TRAIN_SAMPLE runs, at local eta = [1e-4, 5e-5] (small steps:
+  ~20 pulses per sample on the soft-bounds board);
+- ``train_sample (preset eta)``: the same at the digits-hw preset's eta = [0.01, 0.005] (lr at batch 1; beta 0.2),
+  which ``benchmarks/hil.py`` runs in local mode: ~8000 pulses per sample on the soft-bounds board;
 - ``infer``: reset, clamp, 30 free steps, read the output;
 - ``step free`` / ``step nudged+learn``: one dynamics step (the second with the local rule's update);
 - ``read_state``: every layer through the ADC;
@@ -36,13 +39,14 @@ from eqprop_hil.mock_instruments.devices import DeviceConfig
 from eqprop_hil.mock_instruments.physics import ArrayConfig, ArrayPhysics
 
 ETA = [1e-4, 5e-5]  # per edge of a 3-layer chain; longer chains repeat the last
+ETA_PRESET = [0.01, 0.005]  # digits-hw: lr per edge at batch size 1
 BETA, T1, T2 = 0.2, 30, 10
 
 
-def board(sizes: list[int], model: str) -> ArrayPhysics:
+def board(sizes: list[int], model: str, eta: list[float] = ETA) -> ArrayPhysics:
     p = ArrayPhysics(ArrayConfig(sizes=sizes, device=DeviceConfig(model=model), seed=0))
     n_edges = len(p.topology()["edges"])
-    p.set_local_learning(False, (ETA + [ETA[-1]] * n_edges)[:n_edges], None)
+    p.set_local_learning(False, (eta + [eta[-1]] * n_edges)[:n_edges], None)
     return p
 
 
@@ -65,6 +69,9 @@ def measure(sizes: list[int], model: str, calls: int, repeats: int) -> dict[str,
     p = board(sizes, model)
     out: dict[str, float] = {}
     out["train_sample"] = per_call_ms(lambda k: p.train_sample(X[k % 64], Y[k % 64], BETA, T1, T2), calls, repeats)
+    q = board(sizes, model, ETA_PRESET)
+    out["train_sample (preset eta)"] = per_call_ms(lambda k: q.train_sample(X[k % 64], Y[k % 64], BETA, T1, T2),
+                                                   calls, repeats)
     out["infer"] = per_call_ms(lambda k: p.infer(X[k % 64], T1), calls, repeats)
 
     p.reset()
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Emulator physics per call, {'-'.join(map(str, sizes))}, in process (ms, median of {repeats} x {calls} calls)",
         ["call", "soft_bounds ms", "ideal ms"],
         [[n, results["soft_bounds"][n], results["ideal"][n]] for n in names],
-        [f"train_sample: t1 {T1}, t2 {T2}, beta {BETA}, local eta {ETA}; infer: t1 {T1}",
+        [f"train_sample: t1 {T1}, t2 {T2}, beta {BETA}, local eta {ETA} (preset eta: {ETA_PRESET}); infer: t1 {T1}",
          "wall clock on a possibly shared machine: compare figures of one run"],
     )
     payload = {"sizes": sizes, "calls": calls, "repeats": repeats, "ms_per_call": results, "environment": environment()}

@@ -269,7 +269,7 @@ def test_benchmark_quick_prints_the_table_and_writes_json(tmp_path, capsys) -> N
     data = json.loads(out.read_text())
     for model in ("soft_bounds", "ideal"):
         figures = data["ms_per_call"][model]
-        assert set(figures) == {"train_sample", "infer", "step free", "step nudged+learn", "read_state",
+        assert set(figures) == {"train_sample", "train_sample (preset eta)", "infer", "step free", "step nudged+learn", "read_state",
                                 "apply_pulses (128 nz)", "apply_outer (bl 31)"}
         assert all(v > 0 for v in figures.values())
 
