@@ -256,15 +256,16 @@ def test_sigkill_at_random_points_then_resume_ends_like_a_straight_run(emulators
         ("stdout", "epoch"),
         ("hook", (N_TRAIN + 1, 2 * N_TRAIN - 12, False)),
         ("journal", rng.randint(5, 75)),
-        ("hook", (N_TRAIN + 1, 2 * N_TRAIN - 2, True)),
+        ("unsent", (N_TRAIN + 1, 2 * N_TRAIN - 2, True)),  # journaled, killed before it was sent
     ]
     log, done = [], False
     for n, (kind, param) in enumerate(plan):
         start = [*common, "--instrument", persistent.resource, "--run-dir", str(run_dir)] if n == 0 else \
             ["--resume", str(run_dir)]
-        crash_at = hook_target(*param) if kind == "hook" else f"eval:{param}" if kind == "eval" else None
+        crash_at = hook_target(*param) if kind == "hook" else f"{hook_target(*param)}:unsent" if kind == "unsent" \
+            else f"eval:{param}" if kind == "eval" else None
         proc = hil(trainers, *start, cwd=tmp_path, crash_at=crash_at)
-        if kind in ("hook", "eval"):
+        if kind in ("hook", "unsent", "eval"):
             rc = proc.wait(RUN_TIMEOUT_S)
             assert rc == -signal.SIGKILL, f"{kind} {crash_at} did not kill the trainer (rc {rc}):\n{proc.text()}"
         elif kind == "journal":
@@ -311,8 +312,8 @@ def test_sigkill_at_random_points_then_resume_ends_like_a_straight_run(emulators
         journal = PulseJournal(path, readonly=True)
         assert journal.stats()["pending"] == 0, journal.stats()
         assert journal.applied_count() == executed, (path, journal.stats(), executed)
-    # both verdicts were reached: each hooked command ran unacknowledged-in-the-journal, and the commands
-    # journaled after it in its step never left the host
+    # both verdicts were reached: each hooked command ran unacknowledged-in-the-journal, and the "unsent" one
+    # (and any journaled after it in its step) never left the host
     verdicts = PulseJournal(run_dir / "journal.jsonl", readonly=True).stats()
     assert verdicts["applied"] >= sum(kind == "hook" for kind, _ in plan) and verdicts["not_applied"] >= 1, verdicts
     assert len(ref_commands) == ref_executed  # the reference: one journaled command per executed one

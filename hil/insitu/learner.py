@@ -106,9 +106,12 @@ class InSituLearner:
         self._ckpt_ids: list[int] = []  # journal positions of the kept checkpoints (compaction keeps after the older)
         # Test hooks (tests/test_crash_resume.py): EQPROP_HIL_CRASH_AT="sample:step:edge" kills this process
         # with SIGKILL right after that pulse command was sent and acknowledged but before the journal's done;
-        # "eval:N" kills it right after the N-th test sample this process evaluated (free phase only).
+        # "sample:step:edge:unsent" right after it was journaled, before it was sent; "eval:N" right after the
+        # N-th test sample this process evaluated (free phase only).
         crash = os.environ.get("EQPROP_HIL_CRASH_AT", "")
         self._crash_eval = int(crash[5:]) if crash.startswith("eval:") else None
+        self._crash_unsent = crash.endswith(":unsent")
+        crash = crash.removesuffix(":unsent")
         self._crash_at = tuple(int(v) for v in crash.split(":")) if crash and self._crash_eval is None else None
         self._evaluated = 0  # test samples evaluated by this process (for the "eval:N" hook)
         self.rule = cfg.rule
@@ -440,6 +443,8 @@ class InSituLearner:
         ids = self.journal.begin_many([{**base, **c, "executed_before": before + k} for k, c in enumerate(commands)])
         for jid, c in zip(ids, commands):
             crash = self._crash_at == (self.samples_seen, step, c["edge"])
+            if crash and self._crash_unsent:
+                os.kill(os.getpid(), signal.SIGKILL)
             ack = self.guard.send(jid, c, lambda c=c: self._fire(c, crash=crash))
             self._applied.append((jid, c))
             self.counters["pulses_sent"] += pulses.pulses_of(ack)
@@ -455,6 +460,8 @@ class InSituLearner:
         [jid] = self.journal.begin_many([entry])
         crash = self._crash_at is not None and any(self._crash_at == (self.samples_seen, step, c["edge"])
                                                    for c in commands)
+        if crash and self._crash_unsent:  # the test hook: journaled, never sent
+            os.kill(os.getpid(), signal.SIGKILL)
         states: list[list[np.ndarray]] = []
 
         def fire() -> dict:
