@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import serial
+from cobs import cobs
 
 from eqprop_hil.protocols import fpga_messages as m
 from eqprop_hil.protocols.fpga_messages import Opcode, Status
@@ -149,11 +150,12 @@ def test_s2_response_echoes_seq_and_sets_the_response_bit(client: Client) -> Non
 
 def test_s2_bad_crc_is_answered_crc_error_and_not_executed(client: Client) -> None:
     before = executed(client)
-    frame = bytearray(encode_frame(0x1111, Opcode.APPLY_PULSES, m.encode_request(
+    good = encode_frame(0x1111, Opcode.APPLY_PULSES, m.encode_request(
         Opcode.APPLY_PULSES, fence=client.fence, edge=0, feedback=0, row_start=0, n_rows=1,
-        counts=np.ones(1, dtype=np.int8).repeat(_cols(client, 0)))))  # fmt: skip
-    frame[-3] ^= 0x01
-    client.send_raw(b"\x00" + bytes(frame))
+        counts=np.ones(1, dtype=np.int8).repeat(_cols(client, 0))))  # fmt: skip
+    raw = bytearray(cobs.decode(good[:-1]))  # header + payload + CRC, before the byte stuffing
+    raw[-1] ^= 0x01  # a wrong CRC, still one well-formed COBS frame (a flip after stuffing could make a 0x00)
+    client.send_raw(b"\x00" + cobs.encode(bytes(raw)) + b"\x00")
     reply = client.receive(0x1111)
     assert m.split_envelope(reply.payload).status == Status.CRC_ERROR
     assert executed(client) == before
