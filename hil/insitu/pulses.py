@@ -91,11 +91,12 @@ class PulseEncoder:
         self.counters.setdefault("clipped", 0)
 
     def rng(self, sample: int, step: int, key: Key) -> np.random.Generator:
-        """Counter-based: the rounding noise is a function of (seed, sample, step, matrix). Philox keyed by
-        (seed, sample) with (step, matrix) in the counter's high words (the low word counts the draws, so two
-        steps' streams never overlap); a third of the cost of seeding a generator from a sequence."""
-        counter = [0, int(step) & _U64, 2 * int(key[0]) + int(key[1]), 0]
-        return np.random.Generator(np.random.Philox(counter=counter, key=[int(self.seed) & _U64, int(sample) & _U64]))
+        """Counter-based: the rounding noise is a function of (seed, sample, step, matrix) only. One integer
+        packs the four (64 bits each) as the SeedSequence entropy of a PCG64DXSM generator: distinct tuples give
+        independent streams, and of numpy's generators it draws uniforms fastest (the hot path: ~10k per step)."""
+        entropy = ((int(self.seed) & _U64) << 192) | ((int(sample) & _U64) << 128) | ((int(step) & _U64) << 64) \
+            | (2 * int(key[0]) + int(key[1]))
+        return np.random.Generator(np.random.PCG64DXSM(entropy))
 
     def commands(self, increments: dict[Key, Term], *, sample: int, step: int) -> list[dict]:
         """The pulse commands (``{"edge", "feedback", "mode", "counts"}`` or ``{..., "rows", "cols",
@@ -119,12 +120,13 @@ class PulseEncoder:
         quanta = inc * _part(per_mean, rows, cols)
         if asymmetric:
             quanta += np.abs(inc) * _part(per_half_diff, rows, cols)
-        floor = np.floor(quanta)
-        quanta -= floor  # the fractional part: the probability of the extra pulse
-        counts = floor + (rng.random(inc.shape, dtype=np.float32) < quanta)
-        if np.abs(counts).max(initial=0) > self.cap:
-            self.counters["clipped"] += int((np.abs(counts) > self.cap).sum())
-            counts = np.clip(counts, -self.cap, self.cap)
+        # floor(q + U), U uniform in [0, 1): floor(q) + 1 with probability q - floor(q), else floor(q)
+        quanta += rng.random(inc.shape, dtype=np.float32)
+        counts = np.floor(quanta, out=quanta)
+        lo, hi = float(np.minimum.reduce(counts, axis=None)), float(np.maximum.reduce(counts, axis=None))
+        if max(-lo, hi) > self.cap:
+            self.counters["clipped"] += int(np.count_nonzero(np.abs(counts) > self.cap))
+            np.clip(counts, -self.cap, self.cap, out=counts)
         return counts.astype(np.int8)
 
     def term_counts(self, key: Key, term: Term, rng: np.random.Generator) -> np.ndarray | None:
@@ -137,17 +139,23 @@ class PulseEncoder:
         """
         kind, c, a, b = term
         pairs = [(c, a, b)] if kind == "outer1" else [(c, *a), (c, *b)]
-        pairs = [(coef, u, v) for coef, u, v in pairs if coef != 0 and np.any(u) and np.any(v)]
-        if not pairs:
+        nz = [(coef, u, v, np.count_nonzero(u), np.count_nonzero(v)) for coef, u, v in pairs if coef != 0]
+        nz = [(coef, u, v, nu, nv) for coef, u, v, nu, nv in nz if nu and nv]
+        if not nz:
             return None
-        n_rows, n_cols = len(pairs[0][1]), len(pairs[0][2])
-        rows = np.flatnonzero(np.logical_or.reduce([u != 0 for _, u, _ in pairs]))
-        cols = np.flatnonzero(np.logical_or.reduce([v != 0 for _, _, v in pairs]))
+        n_rows, n_cols = len(nz[0][1]), len(nz[0][2])
+        all_rows = any(nu == n_rows for _, _, _, nu, _ in nz)
+        all_cols = any(nv == n_cols for _, _, _, _, nv in nz)
+        rows = np.arange(n_rows) if all_rows else np.flatnonzero(np.logical_or.reduce([u != 0 for _, u, _, _, _ in nz]))
+        cols = np.arange(n_cols) if all_cols else np.flatnonzero(np.logical_or.reduce([v != 0 for _, _, v, _, _ in nz]))
         all_rows, all_cols = rows.size == n_rows, cols.size == n_cols
         pick_r = slice(None) if all_rows else rows
         pick_c = slice(None) if all_cols else cols
-        inc = sum(np.multiply.outer(np.float32(coef) * np.asarray(u, np.float32)[pick_r],
-                                    np.asarray(v, np.float32)[pick_c]) for coef, u, v in pairs)
+        inc = None
+        for coef, u, v, _, _ in nz:
+            term_inc = np.multiply.outer(np.float32(coef) * np.asarray(u, np.float32)[pick_r],
+                                         np.asarray(v, np.float32)[pick_c])
+            inc = term_inc if inc is None else np.add(inc, term_inc, out=inc)
         sub = self.counts(key, inc, rng, rows=pick_r, cols=pick_c)
         if not sub.any():
             return None
