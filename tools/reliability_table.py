@@ -272,7 +272,14 @@ def resume_section(path: Path = ROOT / "benchmarks" / "out" / "resume_accuracy.j
              "(up and down steps differ), write-verify lands within the programming tolerance, not on the value, and "
              "the cycle-to-cycle noise of every replayed pulse is drawn anew. So a resumed run is a statistically "
              "equivalent run, not the same run; on ideal devices it ends on the uninterrupted run's weights (within "
-             "a few float32 ulps where weights were re-programmed)."]
+             "a few float32 ulps where weights were re-programmed).",
+             "",
+             "Reboots: on a fenced board (protocol 2, both emulators and drivers) a power cycle draws a new "
+             "instance id, and the next state-changing command, of the same sample or of the next one, is refused "
+             "unexecuted (analog error 130, FPGA WRONG_INSTANCE); the run then rolls back to its last checkpoint "
+             "on the new instance. So the learner no longer asks a fenced board for its boot counter after every "
+             "training sample (it still does after each evaluation chunk and in recoveries); a driver without "
+             "instance identity is polled after each sample as before."]
     if not path.exists():
         return lines
     r = json.loads(path.read_text())
