@@ -194,10 +194,8 @@ class FpgaServer:
         while view and not self._stop.is_set():
             try:  # write first: a reply nearly always fits the pty's buffer; wait only when it is full
                 view = view[os.write(fd, view) :]
-                continue
-            except BlockingIOError:
-                pass
-            select.select([], [fd], [], _POLL_S)
+            except BlockingIOError:  # full: wait (bounded, to see a stop) until the pty takes more
+                select.select([], [fd], [], _POLL_S)
         return not view
 
     def _serve_tcp(self) -> None:
