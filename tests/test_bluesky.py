@@ -57,7 +57,7 @@ class Dispatched:
         try:
             self.dispatcher.start()
         except asyncio.CancelledError:
-            pass
+            pass  # the normal end: _collect cancelled the polling task at the stop document
         except BaseException as e:  # surfaced by the test
             self.error = e
 

@@ -19,7 +19,6 @@ import sys
 import numpy as np
 import pytest
 import pyvisa
-import serial
 
 from eqprop_hil.drivers import open_array
 
@@ -65,8 +64,6 @@ def test_marker_sets_the_board(analog_resource):
 
 @pytest.mark.fpga_array(sizes=(2, 3, 2))
 def test_marker_sets_the_fpga(fpga_resource):
-    with serial.serial_for_url(fpga_resource, timeout=1):
-        pass
     with open_array(fpga_resource) as array:
         assert array.topology()["sizes"] == [2, 3, 2]
 

@@ -8,6 +8,7 @@ answer differs from the previous query's, so a reply paired with the wrong reque
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import threading
@@ -76,10 +77,8 @@ class ReplyProxy:
 
     def _send(self, client: socket.socket, wire: bytes) -> None:
         with self._send_lock:
-            try:
+            with contextlib.suppress(OSError):  # the driver closed the connection
                 client.sendall(wire)
-            except OSError:
-                pass  # the driver closed the connection
 
     def close(self) -> None:
         self._stop.set()

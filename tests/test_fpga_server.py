@@ -4,6 +4,7 @@ lose their own connection after the handshake or send timeout, and the limits ar
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -27,10 +28,8 @@ def _physics() -> ArrayPhysics:
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
     """Send until the peer closes (the device drops a client that does not read)."""
-    try:
+    with contextlib.suppress(OSError):
         sock.sendall(data)
-    except OSError:
-        pass
 
 
 def _address(resource: str) -> tuple[str, int]:
