@@ -176,8 +176,9 @@ def test_ctrl_c_in_the_first_epoch_then_resume_with_more_epochs_then_complete(tm
 
 @pytest.mark.slow
 def test_sigterm_in_training_exits_143_after_a_checkpoint(tmp_path: Path, tiny: Path) -> None:
+    # many epochs: the software engine finishes the preset's 5 in a few seconds, before the signal could land
     done, run = _start_and_signal(tmp_path, ["--config", str(tiny), "--instrument", "software", "--data-limit",
-                                             "1500", "--batch-size", "1"], signal.SIGTERM)
+                                             "1500", "--batch-size", "1", "--epochs", "200"], signal.SIGTERM)
     assert done.returncode == 143, done.stderr
     assert "SIGTERM" in done.stderr and "--resume" in done.stderr
     assert list((run / "checkpoint").glob("ckpt-*.pt"))
