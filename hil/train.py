@@ -160,7 +160,10 @@ def train(
     history = [m for m in run.read_metrics() if "test_accuracy" in m]
     status, train_seconds, samples_run = "success", 0.0, 0
     with GracefulInterrupt() as interrupt:
-        while cursor.epoch < tcfg.epochs and not interrupt.requested:
+        while cursor.epoch < tcfg.epochs:
+            if interrupt.requested:  # a signal during the last evaluation or checkpoint: still an interruption
+                status = "interrupted"
+                break
             bar = tqdm(
                 total=data.n_train, initial=cursor.position, disable=not progress, leave=False, unit="sample",
                 desc=f"epoch {cursor.epoch + 1}/{tcfg.epochs}", dynamic_ncols=True,

@@ -130,7 +130,8 @@ def _start_and_signal(tmp_path: Path, args: list[str], sig: int) -> tuple[subpro
     try:
         deadline = time.monotonic() + 180
         docs = run / "documents.jsonl"
-        while not (docs.exists() and docs.read_text(encoding="utf-8").count('"descriptor"') == 2):
+        # two descriptor documents (primary, eval); events name their descriptor too, so count document names
+        while not (docs.exists() and docs.read_text(encoding="utf-8").count('["descriptor",') >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
             time.sleep(0.1)
         time.sleep(0.5)  # some samples into the first epoch
