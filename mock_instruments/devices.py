@@ -25,9 +25,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from eqprop_hil.mock_instruments.kernels import pulse_trains
 from eqprop_hil.protocols.errors import ValueRangeError
 
 MODELS = ("ideal", "constant", "soft_bounds", "power")
+_MODEL_CODES = {"constant": 0, "soft_bounds": 1, "power": 2}  # kernels.pulse_trains's model argument
 MAX_PULSES = 255  # per device per internal call (int8 commands are capped at 127; outer updates at bit_length 255)
 
 
@@ -118,10 +120,6 @@ class DeviceArray:
         initial = np.asarray(initial, dtype=np.float64).reshape(shape)
         self.w = np.ascontiguousarray(np.clip(initial, self.w_min, self.w_max))
         self.noise = np.zeros(shape)  # read-visible write noise
-        # per-device parameters by pulse sign (row 0: up, row 1: down), gathered once per pulse command; the device
-        # parameters never change after construction
-        self._dw_signed = np.stack([self.dw_up.ravel(), -self.dw_down.ravel()])
-        self._bound_signed = np.stack([self.w_max.ravel(), self.w_min.ravel()])
         self.written_at = np.zeros(shape)  # clock (steps) of each device's last write, for drift
 
     # ----------------------------------------------------------------------------------------------- reads
@@ -197,9 +195,9 @@ class DeviceArray:
         """The pulse response, unchecked: for callers that built (or checked) strictly increasing int64 flat
         indices and non-zero int64 counts ``|counts| <= 255`` themselves, as the array physics does.
 
-        Vectorised over devices; the only loop is over the pulse index (devices sorted by pulse count, so the
-        devices still receiving pulse p are a prefix of the sorted list). Random draws happen in ascending flat
-        order, so the dense and the sparse entry points draw identically.
+        Compiled (kernels.pulse_trains): one device's train after another, pulse by pulse, the c2c factors drawn
+        in one call in ascending flat order of the devices, so the dense and the sparse entry points draw
+        identically.
         """
         if self.config.ideal:
             w = self.w.ravel()
@@ -211,50 +209,13 @@ class DeviceArray:
         if not flat.size:
             return flat
         self._settle_drift(flat, now)
-        mag = np.abs(counts)
-        sel = (counts < 0).astype(np.intp)  # 0: potentiating pulses, 1: depressing pulses
-        top = int(np.maximum.reduce(mag))  # the ufunc itself: the method's wrappers cost more here
-        idx = flat
-        if top > 1:  # sort by pulse count (stable: ties keep ascending flat order; all ones are already sorted)
-            order = np.argsort((top - mag).astype(np.uint8), kind="stable")  # = argsort(-mag): radix sort, O(n)
-            idx, mag, sel = flat[order], mag[order], sel[order]
-        w = self.w.ravel()[idx]
-        w_min, w_max = self.w_min.ravel()[idx], self.w_max.ravel()[idx]
-        if self.config.model == "power":
-            params = (sel == 0, self.dw_up.ravel()[idx], self.dw_down.ravel()[idx], w_max, w_min)
-        else:  # the signed step and the bound it approaches, chosen per device once
-            params = (self._dw_signed[sel, idx], self._bound_signed[sel, idx])
-        c2c = self.config.dw_min_c2c
-        neg_mag = -mag
-        for p in range(top):
-            # devices with more than p pulses (all of them at p = 0: the common one-pulse case needs no search)
-            k = idx.size if p == 0 else int(np.searchsorted(neg_mag, -p, side="left"))
-            step = self._step(w[:k], *(a[:k] for a in params))
-            step *= self._rng_c2c.normal(1.0, c2c, k)  # 1 + c2c xi, cycle to cycle
-            step += w[:k]
-            np.minimum(np.maximum(step, w_min[:k], out=step), w_max[:k], out=w[:k])  # = np.clip, less overhead
-        np.put(self.w, idx, w)
+        # one c2c factor per pulse: every pulse of the command, device after device
+        noise = self._rng_c2c.normal(1.0, self.config.dw_min_c2c, int(np.add.reduce(np.abs(counts))))
+        c = self.config
+        pulse_trains(self.w.ravel(), self.w_min.ravel(), self.w_max.ravel(), self.dw_up.ravel(), self.dw_down.ravel(),
+                     flat, counts, noise, _MODEL_CODES[c.model], c.gamma_up, c.gamma_down)
         self._redraw_write_noise(flat)
         return flat
-
-    def _step(self, w: np.ndarray, *params: np.ndarray) -> np.ndarray:
-        """Noise-free signed weight change of one pulse at weight ``w`` (a new vector over the active devices).
-
-        ``params``: for ``constant`` and ``soft_bounds`` the signed step (``dw_up`` or ``-dw_down``) and the bound it
-        approaches (``w_max`` or ``w_min``), per device; for ``power`` (up, dw_up, dw_down, w_max, w_min).
-        """
-        model = self.config.model
-        if model == "constant":
-            return params[0].copy()
-        if model == "soft_bounds":  # up: dw_up (1 - w / w_max); down: -dw_down (1 - w / w_min)
-            dw, bound = params
-            step = np.divide(w, bound)
-            np.subtract(1.0, step, out=step)
-            step *= dw
-            return step
-        up, dw_up, dw_down, w_max, w_min = params
-        omega = np.clip((w_max - w) / (w_max - w_min), 0.0, 1.0)
-        return np.where(up, dw_up * omega**self.config.gamma_up, -dw_down * (1 - omega) ** self.config.gamma_down)
 
     def add_exact(self, delta: np.ndarray) -> None:
         """Ideal model only: add an exact float increment (on-device learning without pulse quantisation)."""

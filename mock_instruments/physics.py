@@ -24,7 +24,7 @@ import numpy as np
 
 from eqprop_hil.mock_instruments.converters import Adc, Dac, check_bits, check_range
 from eqprop_hil.mock_instruments.devices import DeviceArray, DeviceConfig
-from eqprop_hil.mock_instruments.rounding import round_matrix, round_outer
+from eqprop_hil.mock_instruments.rounding import new_state, round_matrix, round_outer
 from eqprop_hil.protocols.errors import ValueRangeError
 
 ACTIVATIONS = {
@@ -160,7 +160,7 @@ class ArrayPhysics:
         init_seq, read_seq, train_seq, learn_seq, dev_seq = root.spawn(5)
         init_rng = np.random.default_rng(init_seq)
         self._rng_train = np.random.default_rng(train_seq)  # stochastic pulse trains (outer updates)
-        self._rng_learn = np.random.default_rng(learn_seq)  # stochastic rounding of local updates
+        self._learn_state = new_state(learn_seq)  # xoshiro256**: stochastic rounding of local updates (kernels.py)
         self._dac = Dac(config.dac_bits, config.dac_range_volts)
         self._adc = Adc(config.adc_bits, config.adc_range_volts, config.read_noise, np.random.default_rng(read_seq))
         dev_seeds = dev_seq.spawn(2 * len(self.edges))
@@ -460,7 +460,7 @@ class ArrayPhysics:
         scale, ideal = self._scale[key], device.config.ideal
         quantum = scale * device.config.dw_min  # effective weight of one nominal pulse
         if c is None and not ideal:
-            self._fire(key, *round_outer(self._rng_learn, rate / quantum, a, b, MAX_PULSE_COUNT))
+            self._fire(key, *round_outer(self._learn_state, rate / quantum, a, b, MAX_PULSE_COUNT))
             return
         delta, quanta = self._buffers(key)
         np.multiply.outer(a, b, out=delta)
@@ -470,7 +470,7 @@ class ArrayPhysics:
         np.multiply(delta, rate, out=delta)
         np.divide(delta, quantum, out=quanta)
         if not ideal:
-            self._fire(key, *round_matrix(self._rng_learn, quanta, MAX_PULSE_COUNT))
+            self._fire(key, *round_matrix(self._learn_state, quanta, MAX_PULSE_COUNT))
             return
         np.abs(quanta, out=quanta)
         self.counters["pulses"] += int(np.rint(quanta, out=quanta).sum())
@@ -654,7 +654,7 @@ class ArrayPhysics:
             "states": self._states, "phase": self._phase, "nudge": self._nudge, "gain": self._gain,
             "bias": self._bias, "scale": self._scale, "eta": self._eta, "learn_beta": self._learn_beta,
             "learning": self._learning, "clock": self.clock, "counters": self.counters,
-            "rng": [r.bit_generator.state for r in (self._rng_train, self._rng_learn, self._adc.rng)],
+            "rng": [r.bit_generator.state for r in (self._rng_train, self._adc.rng)] + [self._learn_state.tolist()],
             "devices": [d.state() for d in self._w] + [d.state() for d in self._b if d is not None],
         })
 

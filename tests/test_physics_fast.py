@@ -1,4 +1,5 @@
-"""The emulator's fast paths keep the model: stochastic rounding by thinning has the dense rule's distribution,
+"""The emulator's fast paths keep the model: stochastic rounding by thinning has the dense rule's distribution, the
+compiled kernels are their own Python source run by the interpreter,
 sparse pulses are the dense pulses draw for draw, the cached input drive and the in-place refreshed effective
 matrices give the floats a full recomputation gives, and the sparse pulse command refuses bad input untouched.
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks import physics as physics_bench
-from eqprop_hil.mock_instruments import rounding
+from eqprop_hil.mock_instruments import kernels, rounding
 from eqprop_hil.mock_instruments.devices import DeviceArray, DeviceConfig
 from eqprop_hil.mock_instruments.physics import ACTIVATIONS, ACTIVATIONS_INPLACE, ArrayConfig, ArrayPhysics
 from eqprop_hil.protocols.errors import ValueRangeError
@@ -31,14 +32,22 @@ def per_device_counts(flat_counts: list[tuple[np.ndarray, np.ndarray]], size: in
     return out
 
 
-def test_bernoulli_positions_are_independent_with_probability_p() -> None:
-    rng = np.random.default_rng(0)
-    n, p, draws = 200, 0.03, 20000
+def thinned_rows(state: np.ndarray, p: float, n: int, draws: int) -> np.ndarray:
+    """(draws, n) hits of a one-row matrix whose every |q| is p (<= THIN_BOUND: every candidate is kept, so the
+    hits are the candidate process itself)."""
+    q = np.full((1, n), p)
     hits = np.zeros((draws, n), dtype=bool)
     for k in range(draws):
-        pos = rounding.bernoulli_positions(rng, n, p)
-        assert np.all(np.diff(pos) > 0) and (not pos.size or (pos[0] >= 0 and pos[-1] < n))
-        hits[k, pos] = True
+        flat, counts = rounding.round_matrix(state, q, 127)
+        assert np.all(np.diff(flat) > 0) and np.all(counts == 1)
+        hits[k, flat] = True
+    return hits
+
+
+def test_thinning_candidates_are_independent_with_probability_p() -> None:
+    p, n, draws = 0.03, 200, 20000
+    assert p <= rounding.THIN_BOUND
+    hits = thinned_rows(rounding.new_state(0), p, n, draws)
     freq = hits.mean(axis=0)  # every position: Bernoulli(p), standard error sqrt(p (1 - p) / draws) ~ 0.0012
     assert np.abs(freq - p).max() < 5 * np.sqrt(p * (1 - p) / draws)
     total = hits.sum(axis=1)  # Binomial(n, p): mean 6, variance 5.82
@@ -48,29 +57,60 @@ def test_bernoulli_positions_are_independent_with_probability_p() -> None:
     assert pair == pytest.approx(p * p, abs=5 * np.sqrt(p * p / (draws * (n - 1))))
 
 
-def test_bernoulli_positions_tiny_probability_and_extension_paths(monkeypatch) -> None:
-    rng = np.random.default_rng(1)
-    n, p = 10**10, 5e-10  # below the geometric path's floor: Binomial count, then a uniform subset
-    draws = [rounding.bernoulli_positions(rng, n, p) for _ in range(400)]
-    assert all(np.all(np.diff(d) > 0) and (not d.size or d[-1] < n) for d in draws)
-    assert np.mean([d.size for d in draws]) == pytest.approx(5.0, abs=5 * np.sqrt(5 / 400))
-    # batches of gaps made to fall short of n: they are extended, the count stays Binomial(n, p)
-    monkeypatch.setattr(rounding, "_BATCH_SIGMAS", -3.0)
-    sizes = [rounding.bernoulli_positions(rng, 5000, 0.3).size for _ in range(2000)]
-    assert np.mean(sizes) == pytest.approx(1500, abs=5 * np.sqrt(1050 / 2000))
-    assert np.var(sizes) == pytest.approx(1050, rel=0.2)
-    assert rounding.bernoulli_positions(rng, 0, 0.5).size == 0
+def test_thinning_with_a_tiny_probability_neither_overflows_nor_loses_pulses() -> None:
+    state = rounding.new_state(1)
+    n, p, draws = 10**6, 5e-6, 400  # ~5 pulses per draw over a million devices; 1e-300 below: none, no overflow
+    sizes = [rounding.round_matrix(state, np.full((1, n), p), 127)[0].size for _ in range(draws)]
+    assert np.mean(sizes) == pytest.approx(n * p, abs=5 * np.sqrt(n * p / draws))
+    assert rounding.round_matrix(state, np.full((2, 1000), 1e-300), 127)[0].size == 0
+
+
+def test_the_generator_is_uniform_seeded_and_the_kernels_are_their_interpreted_code() -> None:
+    """xoshiro256**: uniform on [0, 1), the same stream from the same seed; each compiled kernel draws and returns
+    what its Python source (``py_func``, run by the interpreter on numpy scalars) does."""
+    u = kernels.uniforms(rounding.new_state(3), 200_000)
+    assert 0.0 <= u.min() and u.max() < 1.0
+    assert u.mean() == pytest.approx(0.5, abs=5 * np.sqrt(1 / 12 / u.size))
+    assert u.var() == pytest.approx(1 / 12, rel=0.01)
+    assert np.corrcoef(u[:-1], u[1:])[0, 1] == pytest.approx(0.0, abs=5 / np.sqrt(u.size))
+    np.testing.assert_array_equal(u[:50], kernels.uniforms(rounding.new_state(3), 50))
+    assert not np.array_equal(u[:50], kernels.uniforms(rounding.new_state(4), 50))
+
+    rng = np.random.default_rng(12)
+    quanta = np.concatenate([rng.normal(0, 0.05, (3, 40)), rng.normal(0, 2.0, (2, 40)), np.zeros((1, 40))])
+    av, bv = rng.normal(0, 0.2, 7), rng.uniform(0, 1, 9)
+    rows, cols = np.array([0, 2, 3, 5, 8, 9, 11]), np.array([1, 2, 4, 5, 6, 7, 8, 10, 12])
+    out = [np.zeros(400, dtype=np.int64) for _ in range(4)]
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design; numpy scalars warn when it does
+        for fn, args in [(kernels.round_rows, (quanta, 127, rounding.THIN_BOUND)),
+                         (kernels.round_rank1, (av, rows, bv, cols, 13, 127, rounding.THIN_BOUND))]:
+            state_c, state_i = rounding.new_state(5), rounding.new_state(5)
+            m_c = fn(state_c, *args, out[0], out[1])
+            m_i = fn.py_func(state_i, *args, out[2], out[3])
+            assert m_c == m_i > 0
+            np.testing.assert_array_equal(out[0][:m_c], out[2][:m_i])
+            np.testing.assert_array_equal(out[1][:m_c], out[3][:m_i])
+            np.testing.assert_array_equal(state_c, state_i)
+    for model in (0, 1, 2):
+        w0 = rng.uniform(-0.3, 0.3, 50)
+        w_c, w_i = w0.copy(), w0.copy()
+        args = (np.full(50, -0.6), np.full(50, 0.6), rng.uniform(0.0005, 0.0015, 50), rng.uniform(0.0005, 0.0015, 50),
+                np.array([1, 4, 7, 30]), np.array([3, -1, 255, -2]), rng.normal(1.0, 0.3, 261), model, 1.5, 0.7)
+        kernels.pulse_trains(w_c, *args)
+        kernels.pulse_trains.py_func(w_i, *args)
+        np.testing.assert_array_equal(w_c, w_i)
+        assert np.count_nonzero(w_c != w0) == 4
 
 
 @pytest.mark.parametrize("scale", [0.9, 40.0], ids=["thinning", "dense"])
 def test_round_outer_is_unbiased_independent_and_one_quantum_off(scale: float) -> None:
     """scale 0.9: max |q| <= 0.1 (candidates + thinning); scale 40: |q| up to 4.4 (one uniform per device)."""
-    rng = np.random.default_rng(2)
+    state = rounding.new_state(2)
     a = np.array([0.11, -0.05, 0.0, 0.02, -0.1])
     b = np.array([1.0, 0.0, 0.4, -0.7])  # a zero row and a zero column: q == 0 there, never a pulse
     q = scale * np.outer(a, b)
-    assert (np.abs(q).max() <= rounding.SPARSE_BOUND) == (scale < 1)
-    draws = per_device_counts([rounding.round_outer(rng, scale, a, b, 127) for _ in range(40000)], q.size)
+    assert (np.abs(q).max() <= rounding.THIN_BOUND) == (scale < 1)
+    draws = per_device_counts([rounding.round_outer(state, scale, a, b, 127) for _ in range(40000)], q.size)
     floor = np.floor(q).ravel()
     assert np.all((draws == floor) | (draws == floor + 1))  # never more than one quantum off
     frac = q.ravel() - floor
@@ -83,18 +123,18 @@ def test_round_outer_is_unbiased_independent_and_one_quantum_off(scale: float) -
 
 
 def test_round_matrix_matches_the_dense_rule_in_distribution() -> None:
-    rng = np.random.default_rng(3)
-    q = np.array([[0.08, -0.02, 0.0], [0.001, -0.08, 0.05]])  # thinning bound 0.08
-    thin = per_device_counts([rounding.round_matrix(rng, q, 127) for _ in range(60000)], q.size)
+    rng, state = np.random.default_rng(3), rounding.new_state(3)
+    q = np.array([[0.08, -0.02, 0.0], [0.001, -0.08, 0.05]])  # row bounds 0.08: thinning
+    thin = per_device_counts([rounding.round_matrix(state, q, 127) for _ in range(60000)], q.size)
     dense = np.stack([rounding.dense_counts(rng, q, 127).ravel() for _ in range(60000)])
     se = np.sqrt(np.abs(q.ravel()) * (1 - np.abs(q.ravel())) / 60000)
     for draws in (thin, dense):
         np.testing.assert_array_less(np.abs(draws.mean(axis=0) - q.ravel()), 5 * se + 1e-12)
         assert set(np.unique(draws)) <= {-1, 0, 1}
-    big = np.array([[300.0, -1000.0], [2.5, -0.5]])  # over the bound: the dense rule, capped
-    flat, counts = rounding.round_matrix(rng, big, 127)
+    big = np.array([[1e30, -1000.0], [2.5, -0.5]])  # over the bound: the dense rule, capped (no int64 overflow)
+    flat, counts = rounding.round_matrix(state, big, 127)
     assert counts[:2].tolist() == [127, -127] and counts[2] in (2, 3)
-    assert rounding.round_matrix(rng, np.zeros((3, 3)), 127)[0].size == 0
+    assert rounding.round_matrix(state, np.zeros((3, 3)), 127)[0].size == 0
 
 
 DEVICE_CASES = {
