@@ -25,11 +25,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from eqprop_hil.mock_instruments.kernels import pulse_trains
+from eqprop_hil.mock_instruments.kernels import new_state, pulse_trains
 from eqprop_hil.protocols.errors import ValueRangeError
 
 MODELS = ("ideal", "constant", "soft_bounds", "power")
 _MODEL_CODES = {"constant": 0, "soft_bounds": 1, "power": 2}  # kernels.pulse_trains's model argument
+_NONE_STUCK = np.zeros(0, dtype=bool)
 MAX_PULSES = 255  # per device per internal call (int8 commands are capped at 127; outer updates at bit_length 255)
 
 
@@ -97,8 +98,10 @@ class DeviceArray:
         config.validate()
         self.config = config
         self.shape = shape
-        d2d, c2c, write = (np.random.default_rng(s) for s in seed.spawn(3))
-        self._rng_c2c, self._rng_write = c2c, write
+        d2d_seq, c2c_seq, write_seq = seed.spawn(3)
+        d2d = np.random.default_rng(d2d_seq)
+        # xoshiro256** states (kernels.py) for the cycle-to-cycle and the write noise, drawn inside the compiled loops
+        self.c2c_state, self.write_state = new_state(c2c_seq), new_state(write_seq)
         c = config
         if c.ideal:
             self.dw_up = np.full(shape, c.dw_min)
@@ -155,11 +158,6 @@ class DeviceArray:
             w[flat] *= ((now - written[flat] + t0) / t0) ** (-self.config.drift_nu)
             written[flat] = now
 
-    def _redraw_write_noise(self, flat: np.ndarray) -> None:
-        if self.config.write_noise > 0 and not self.config.ideal:
-            sigma = self.config.write_noise * self.config.dw_min
-            self.noise.ravel()[flat] = sigma * self._rng_write.standard_normal(flat.size)
-
     # ---------------------------------------------------------------------------------------------- writes
     def pulse(self, counts: np.ndarray, now: float = 0.0) -> np.ndarray:
         """Fire ``counts`` signed pulses per device (+ potentiates), ``|counts| <= 255``, shape ``shape``.
@@ -195,27 +193,34 @@ class DeviceArray:
         """The pulse response, unchecked: for callers that built (or checked) strictly increasing int64 flat
         indices and non-zero int64 counts ``|counts| <= 255`` themselves, as the array physics does.
 
-        Compiled (kernels.pulse_trains): one device's train after another, pulse by pulse, the c2c factors drawn
-        in one call in ascending flat order of the devices, so the dense and the sparse entry points draw
-        identically.
+        Compiled (kernels.pulse_trains): one device's train after another, pulse by pulse, in ascending flat order,
+        so the dense and the sparse entry points draw identically. Returns the devices that moved (not the stuck).
         """
         if self.config.ideal:
             w = self.w.ravel()
             w[flat] += counts * self.config.dw_min
             return flat
-        if self.config.stuck_fraction > 0:
+        if self.config.stuck_fraction > 0:  # stuck devices keep their weight: not even drift settles
             free = ~self.stuck.ravel()[flat]
             flat, counts = flat[free], counts[free]
-        if not flat.size:
-            return flat
-        self._settle_drift(flat, now)
-        # one c2c factor per pulse: every pulse of the command, device after device
-        noise = self._rng_c2c.normal(1.0, self.config.dw_min_c2c, int(np.add.reduce(np.abs(counts))))
-        c = self.config
-        pulse_trains(self.w.ravel(), self.w_min.ravel(), self.w_max.ravel(), self.dw_up.ravel(), self.dw_down.ravel(),
-                     flat, counts, noise, _MODEL_CODES[c.model], c.gamma_up, c.gamma_down)
-        self._redraw_write_noise(flat)
+        if flat.size:
+            self._settle_drift(flat, now)
+            pulse_trains(*self.kernel_arrays(), flat, counts, *self.kernel_params())
         return flat
+
+    def kernel_arrays(self) -> tuple[np.ndarray, ...]:
+        """Flat views the compiled pulse loops work on, in kernels.pulse_trains's order: ``w, w_min, w_max, dw_up,
+        dw_down, stuck`` (empty when no device is stuck), ``noise``."""
+        stuck = self.stuck.ravel() if self.config.stuck_fraction > 0 else _NONE_STUCK
+        return (self.w.ravel(), self.w_min.ravel(), self.w_max.ravel(), self.dw_up.ravel(), self.dw_down.ravel(),
+                stuck, self.noise.ravel())
+
+    def kernel_params(self) -> tuple:
+        """The device model for kernels.pulse_trains: ``model code, gamma_up, gamma_down, c2c, c2c state, write
+        sigma, write state``."""
+        c = self.config
+        return (_MODEL_CODES[c.model], float(c.gamma_up), float(c.gamma_down), float(c.dw_min_c2c), self.c2c_state,
+                float(c.write_noise * c.dw_min), self.write_state)
 
     def add_exact(self, delta: np.ndarray) -> None:
         """Ideal model only: add an exact float increment (on-device learning without pulse quantisation)."""
@@ -235,6 +240,6 @@ class DeviceArray:
             "w": self.w.copy(),
             "noise": self.noise.copy(),
             "written_at": self.written_at.copy(),
-            "rng_c2c": self._rng_c2c.bit_generator.state,
-            "rng_write": self._rng_write.bit_generator.state,
+            "rng_c2c": self.c2c_state.tolist(),
+            "rng_write": self.write_state.tolist(),
         }

@@ -1,16 +1,17 @@
-"""Compiled per-device loops of the emulated board: stochastic rounding row by row and the pulse response.
+"""Compiled loops of the emulated board: neuron dynamics, stochastic rounding row by row, the pulse response.
 
-Why compiled: an on-device learning step touches every device of a matrix (16k for 256x64) but fires a pulse on a
-few hundred. Vectorised numpy pays one uniform number and several full passes per device, and a Python-level loop
-per pulse index; a compiled loop pays only for what each row needs (``benchmarks/physics.py``). numba compiles
-these once per machine (``cache=True``: the first process writes the machine code next to this file, or to the
-user's numba cache where that is read-only) and runs them without the interpreter lock.
+Why compiled: a C-EP step touches every device of a matrix (16k for 256x64) but fires a pulse on a few hundred,
+and a step of the dynamics is a dozen small vector operations. Vectorised numpy pays one uniform number and
+several full passes per device and ~1 us of interpreter per operation; a compiled loop pays only for what each row
+needs (``benchmarks/physics.py``). numba compiles these once per machine (``cache=True``: the first process writes
+the machine code next to this file, or to the user's numba cache where that is read-only) and runs them without
+the interpreter lock.
 
-The rounding kernels draw from xoshiro256** (Blackman and Vigna), a four-word state the caller owns as a uint64
-array (:func:`new_state`, from a numpy ``SeedSequence``): handing a ``numpy.random.Generator`` to a compiled
-function costs ~14 us per call (ctypes unboxing), more than the rounding itself. The kernels are plain Python that
-numba compiles: ``kernel.py_func`` runs the same code interpreted and returns the same numbers, which the tests
-use as the reference.
+Random numbers: xoshiro256** (Blackman and Vigna), a four-word state the caller owns as a uint64 array
+(:func:`new_state`, from a numpy ``SeedSequence``), normals by Box-Muller. Handing a ``numpy.random.Generator`` to a
+compiled function costs ~14 us per call (ctypes unboxing), more than the work itself. The kernels are plain Python
+that numba compiles: ``kernel.py_func`` runs the same code interpreted and returns the same numbers, which the
+tests use as the reference.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ def _rotl(x, k):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def uniform(s):  # pragma: no cover - compiled
-    """Next double in [0, 1) from the xoshiro256** state ``s`` (advanced in place): the top 53 bits."""
-    s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
+def _next(s0, s1, s2, s3):  # pragma: no cover - compiled
+    """One xoshiro256** step on a state held in four values (registers, in a loop): ``(u, s0, s1, s2, s3)`` with
+    ``u`` the next double in [0, 1), the top 53 bits."""
     out = _rotl(s1 * np.uint64(5), 7) * np.uint64(9)
     t = s1 << np.uint64(17)
     s2 ^= s0
@@ -49,8 +50,14 @@ def uniform(s):  # pragma: no cover - compiled
     s1 ^= s2
     s0 ^= s3
     s2 ^= t
-    s[0], s[1], s[2], s[3] = s0, s1, s2, _rotl(s3, 45)
-    return float(out >> np.uint64(11)) * _U53
+    return float(out >> np.uint64(11)) * _U53, s0, s1, s2, _rotl(s3, 45)
+
+
+@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def uniform(s):  # pragma: no cover - compiled
+    """Next double in [0, 1) from the xoshiro256** state array ``s`` (advanced in place)."""
+    u, s[0], s[1], s[2], s[3] = _next(s[0], s[1], s[2], s[3])
+    return u
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -62,10 +69,29 @@ def uniforms(s, n):  # pragma: no cover - compiled
     return out
 
 
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def fill_normals(s, out):  # pragma: no cover - compiled
+    """Fill ``out`` with standard normal numbers (Marsaglia's polar method: both numbers of each accepted pair
+    are used, ~2.5 uniforms and one log per pair)."""
+    i, n = 0, out.size
+    while i < n:
+        u = 2.0 * uniform(s) - 1.0
+        v = 2.0 * uniform(s) - 1.0
+        q = u * u + v * v
+        if q >= 1.0 or q == 0.0:
+            continue
+        f = math.sqrt(-2.0 * math.log(q) / q)
+        out[i] = u * f
+        if i + 1 < n:
+            out[i + 1] = v * f
+        i += 2
+
+
 @numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _round_row(s, a, v, p, cap, thin, base, index, out_flat, out_counts, m):  # pragma: no cover - compiled
-    """Append the stochastically rounded counts of the row ``q = a * v`` to ``out_*`` from position ``m``; returns
-    the new m. ``p``: an upper bound of ``|q|`` over the row (its maximum: the rank-1 caller knows it without a scan).
+def _round_row(s, a, v, c, w, p, cap, thin, base, index, out_flat, out_counts, m):  # pragma: no cover - compiled
+    """Append the stochastically rounded counts of the row ``q = a v - c w`` (scalars a, c; vectors v, w) to
+    ``out_*`` from position ``m``; returns the new m. ``p >= max |q|`` over the row, known to the caller without a
+    scan (``|a| max|v| + |c| max|w|``), or the maximum itself.
 
     Each device gets ``floor(q) + Bernoulli(q - floor(q))`` pulses, capped at ``cap``, independently. A row with
     ``p <= thin`` draws candidate positions as a Bernoulli(p) process (geometric gaps by inversion, in floats, so a
@@ -75,29 +101,32 @@ def _round_row(s, a, v, p, cap, thin, base, index, out_flat, out_counts, m):  # 
     n = v.size
     if p == 0.0:
         return m
+    s0, s1, s2, s3 = s[0], s[1], s[2], s[3]  # the state in registers for the row
     if p <= thin:
         rate = -math.log1p(-p)  # P(gap > j) = (1 - p)^j = exp(-rate j)
         pos = -1.0
         while True:
-            pos += max(1.0, np.ceil(-math.log1p(-uniform(s)) / rate))  # exponential / rate, rounded up (a float)
+            u, s0, s1, s2, s3 = _next(s0, s1, s2, s3)
+            pos += max(1.0, np.ceil(-math.log1p(-u) / rate))  # exponential / rate, rounded up (a float)
             if pos >= n:
-                return m
+                break
             k = int(pos)
-            q = a * v[k]
-            if uniform(s) * p < abs(q):
+            q = a * v[k] - c * w[k]
+            u, s0, s1, s2, s3 = _next(s0, s1, s2, s3)
+            if u * p < abs(q):
                 out_flat[m] = base + index[k]
                 out_counts[m] = 1 if q > 0 else -1
                 m += 1
-    for k in range(n):
-        c = np.floor(a * v[k] + uniform(s))  # a float: math.floor's int64 would overflow on a huge q
-        if c != 0.0:
-            if c > cap:
-                c = cap
-            elif c < -cap:
-                c = -cap
-            out_flat[m] = base + index[k]
-            out_counts[m] = int(c)
-            m += 1
+    else:
+        for k in range(n):
+            u, s0, s1, s2, s3 = _next(s0, s1, s2, s3)
+            f = np.floor(a * v[k] - c * w[k] + u)  # a float: math.floor's int64 would overflow on a huge q
+            if f != 0.0:
+                f = min(max(f, -cap), cap)
+                out_flat[m] = base + index[k]
+                out_counts[m] = int(f)
+                m += 1
+    s[0], s[1], s[2], s[3] = s0, s1, s2, s3
     return m
 
 
@@ -112,7 +141,7 @@ def round_rows(s, quanta, cap, thin, out_flat, out_counts):  # pragma: no cover 
         p = 0.0
         for k in range(n):
             p = max(p, abs(row[k]))
-        m = _round_row(s, 1.0, row, p, cap, thin, r * n, index, out_flat, out_counts, m)
+        m = _round_row(s, 1.0, row, 0.0, row, p, cap, thin, r * n, index, out_flat, out_counts, m)
     return m
 
 
@@ -125,38 +154,265 @@ def round_rank1(s, av, rows, bv, cols, width, cap, thin, out_flat, out_counts): 
         bmax = max(bmax, abs(bv[k]))
     m = 0
     for r in range(av.size):
-        m = _round_row(s, av[r], bv, abs(av[r]) * bmax, cap, thin, rows[r] * width, cols, out_flat, out_counts, m)
+        m = _round_row(s, av[r], bv, 0.0, bv, abs(av[r]) * bmax, cap, thin, rows[r] * width, cols, out_flat, out_counts,
+                       m)
     return m
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def pulse_trains(w, w_min, w_max, dw_up, dw_down, flat, counts, noise, model, gamma_up, gamma_down):  # pragma: no cover
-    """Fire ``counts[i]`` signed pulses into device ``flat[i]`` (flat views of the device arrays), in place on ``w``.
+@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _fire(d, n, w, w_min, w_max, dw_up, dw_down, model, gamma_up, gamma_down, c2c, xi, k):  # pragma: no cover
+    """``n`` signed pulses into device ``d``, one after another, pulse p's c2c factor ``1 + c2c xi[k + p]`` (see
+    :func:`pulse_trains`); returns ``k + |n|``."""
+    up = n > 0
+    x, lo, hi = w[d], w_min[d], w_max[d]
+    dw = dw_up[d] if up else -dw_down[d]
+    slope = dw / (hi if up else lo)  # soft bounds: dw (1 - w / bound) = dw - w slope, no division per pulse
+    for _ in range(abs(n)):
+        if model == 1:
+            step = dw - x * slope
+        elif model == 0:
+            step = dw
+        else:
+            omega = min(max((hi - x) / (hi - lo), 0.0), 1.0)
+            step = dw * (omega ** gamma_up if up else (1.0 - omega) ** gamma_down)
+        x = min(max(x + step * (1.0 + c2c * xi[k]), lo), hi)
+        k += 1
+    w[d] = x
+    return k
 
-    Pulse k of the whole command multiplies its noise-free step by ``noise[k]`` (devices in the order given, each
-    device's pulses one after another), then ``w = min(max(w + step, w_min), w_max)``. Noise-free steps (REFERENCE.md
-    section 7), model 0 ``constant``: ``+dw_up`` / ``-dw_down``; 1 ``soft_bounds``: ``dw_up (1 - w / w_max)`` /
-    ``-dw_down (1 - w / w_min)``; 2 ``power``: with ``omega = clip((w_max - w) / (w_max - w_min), 0, 1)``,
-    ``dw_up omega^gamma_up`` / ``-dw_down (1 - omega)^gamma_down``.
-    """
-    k = 0
-    for i in range(flat.size):
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _fire_all(flat, counts, n, w, w_min, w_max, dw_up, dw_down, stuck, noise, eff, scale, model, gamma_up, gamma_down,
+              c2c, c2c_state, sigma, write_state):  # pragma: no cover - compiled
+    """Fire ``counts[:n]`` into the devices ``flat[:n]`` (ascending) and give each device written new write noise
+    (``sigma > 0``); stuck devices (``stuck[d]``; ``stuck`` empty: none) ignore their pulses and draw nothing.
+    The c2c factors are drawn for the whole command at once, device after device; ``eff`` (when not empty) is
+    refreshed to ``scale * (w + noise)`` at every device written. Returns the pulses sent (to stuck devices too)."""
+    sent, live, moved = 0, 0, 0
+    for i in range(n):
+        m = abs(counts[i])
+        sent += m
+        if not (stuck.size and stuck[flat[i]]):
+            live += m
+            moved += 1
+    xi = np.empty(live)
+    fill_normals(c2c_state, xi)
+    zeta = np.empty(moved if sigma > 0.0 else 0)
+    fill_normals(write_state, zeta)
+    k, j = 0, 0
+    for i in range(n):
         d = flat[i]
-        n = counts[i]
-        up = n > 0
-        x = w[d]
-        lo = w_min[d]
-        hi = w_max[d]
-        dw = dw_up[d] if up else -dw_down[d]
-        bound = hi if up else lo
-        for _ in range(abs(n)):
-            if model == 1:
-                step = dw * (1.0 - x / bound)
-            elif model == 0:
-                step = dw
+        if stuck.size and stuck[d]:
+            continue
+        k = _fire(d, counts[i], w, w_min, w_max, dw_up, dw_down, model, gamma_up, gamma_down, c2c, xi, k)
+        if sigma > 0.0:
+            noise[d] = sigma * zeta[j]
+            j += 1
+        if eff.size:
+            eff[d] = scale * (w[d] + noise[d]) if sigma > 0.0 else scale * w[d]
+    return sent
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def pulse_trains(w, w_min, w_max, dw_up, dw_down, stuck, noise, flat, counts, model, gamma_up, gamma_down, c2c,
+                 c2c_state, sigma, write_state):  # pragma: no cover - compiled
+    """Fire ``counts[i]`` signed pulses into device ``flat[i]`` (flat views of a DeviceArray's arrays), in place.
+
+    Each pulse multiplies its noise-free step by ``1 + c2c xi`` (xi standard normal from ``c2c_state``), then
+    ``w = min(max(w + step, w_min), w_max)``. Noise-free steps (REFERENCE.md section 7), model 0 ``constant``:
+    ``+dw_up`` / ``-dw_down``; 1 ``soft_bounds``: ``dw_up (1 - w / w_max)`` / ``-dw_down (1 - w / w_min)``; 2
+    ``power``: with ``omega = clip((w_max - w) / (w_max - w_min), 0, 1)``, ``dw_up omega^gamma_up`` /
+    ``-dw_down (1 - omega)^gamma_down``. Stuck devices (``stuck[d]``; ``stuck`` empty: none) ignore their pulses
+    and draw nothing; every other device written gets new write noise ``sigma zeta`` (``sigma > 0``, zeta
+    standard normal from ``write_state``). Returns the pulses sent.
+    """
+    return _fire_all(flat, counts, flat.size, w, w_min, w_max, dw_up, dw_down, stuck, noise, noise[:0], 1.0, model,
+                     gamma_up, gamma_down, c2c, c2c_state, sigma, write_state)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _learn_matrix(learn_state, coef, kind, a, b, c, d, w, w_min, w_max, up, down, stuck, noise, eff, scale, c2c_state,
+                  write_state, model, gamma_up, gamma_down, c2c, sigma, cap, thin):  # pragma: no cover - compiled
+    """Round one matrix's increment, fire it and refresh its effective weights; returns the pulses fired (see
+    :func:`local_step`)."""
+    width = b.size
+    out_flat = np.empty(a.size * width, dtype=np.int64)
+    out_counts = np.empty(a.size * width, dtype=np.int64)
+    cols = np.empty(width, dtype=np.int64)
+    bv = np.empty(width)
+    dv = np.empty(width)
+    nc, bmax, dmax = 0, 0.0, 0.0
+    for k in range(width):
+        if kind == 0 and b[k] == 0.0:  # rank 1: a dark input pixel's column has q == 0
+            continue
+        cols[nc] = k
+        bv[nc] = b[k]
+        dv[nc] = d[k] if kind == 1 else 0.0
+        bmax, dmax = max(bmax, abs(b[k])), max(dmax, abs(dv[nc]))
+        nc += 1
+    bv, dv, cols = bv[:nc], dv[:nc], cols[:nc]
+    n = 0
+    for r in range(a.size):
+        ar = coef * a[r]
+        cr = coef * c[r] if kind == 1 else 0.0
+        n = _round_row(learn_state, ar, bv, cr, dv, abs(ar) * bmax + abs(cr) * dmax, cap, thin, r * width, cols,
+                       out_flat, out_counts, n)
+    return _fire_all(out_flat, out_counts, n, w, w_min, w_max, up, down, stuck, noise, eff, scale, model, gamma_up,
+                     gamma_down, c2c, c2c_state, sigma, write_state)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def local_step(learn_state, coefs, kinds, va, vb, vc, vd, ws, w_mins, w_maxs, ups, downs, stucks, noises, effs, scales,
+               c2c_states, write_states, model, gamma_up, gamma_down, c2c, sigma, cap, thin):  # pragma: no cover
+    """One step of on-device learning on every learned matrix m: round the increment, fire it, refresh the
+    effective weights the dynamics read. Returns the pulses fired (those sent to stuck devices too).
+
+    Matrix m is ``(va[m].size, vb[m].size)``; its increment in pulses is ``coefs[m] * outer(va, vb)`` (``kinds[m]``
+    0: rank 1; columns where vb is 0, e.g. dark input pixels, are skipped) or ``coefs[m] * (outer(va, vb) -
+    outer(vc, vd))`` (kind 1: tied C-EP between two hidden layers). ``ws`` ... ``write_states``: the matrices'
+    DeviceArray arrays, flat (see :func:`pulse_trains`); ``effs``: the cached effective matrices, flat, refreshed
+    as ``scale * (w + noise)`` at every device written.
+    """
+    fired = 0
+    for m in range(coefs.size):
+        fired += _learn_matrix(learn_state, coefs[m], kinds[m], va[m], vb[m], vc[m], vd[m], ws[m], w_mins[m],
+                               w_maxs[m], ups[m], downs[m], stucks[m], noises[m], effs[m], scales[m], c2c_states[m],
+                               write_states[m], model, gamma_up, gamma_down, c2c, sigma, cap, thin)
+    return fired
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
+def _matvec_add(w, x, y, g):  # pragma: no cover - compiled
+    """``y += g * (w @ x)``; the reassociation lets each row's sum run in SIMD lanes (order of adds not kept)."""
+    for r in range(w.shape[0]):
+        acc = 0.0
+        for c in range(w.shape[1]):
+            acc += w[r, c] * x[c]
+        y[r] += g * acc
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "nsz"})
+def _rmatvec_add(w, x, y, g):  # pragma: no cover - compiled
+    """``y += g * (w.T @ x)``, row by row of ``w`` (contiguous)."""
+    for r in range(w.shape[0]):
+        xr = g * x[r]
+        for c in range(w.shape[1]):
+            y[c] += w[r, c] * xr
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _activate(x, act):  # pragma: no cover - compiled
+    """rho in place: 0 sigmoid4 ``1 / (1 + exp(-4 (x - 0.5)))`` (= ``0.5 (1 + tanh(2 (x - 0.5)))``; exp is the
+    cheaper call; no overflow trouble: exp(+large) = inf gives 0), 1 hard_sigmoid, 2 tanh, 3 identity."""
+    if act == 0:
+        for k in range(x.size):
+            x[k] = 1.0 / (1.0 + math.exp(-4.0 * (x[k] - 0.5)))
+    elif act == 1:
+        for k in range(x.size):
+            x[k] = min(max(x[k], 0.0), 1.0)
+    elif act == 2:
+        for k in range(x.size):
+            x[k] = math.tanh(x[k])
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _nudge(y, o, vals, kind, beta):  # pragma: no cover - compiled
+    """``y += vals`` (kind 1, fixed volts) or ``y += beta (vals - o)`` (kind 2, target mode on the old output o)."""
+    if kind == 1:
+        for k in range(y.size):
+            y[k] += vals[k]
+    elif kind == 2:
+        for k in range(y.size):
+            y[k] += beta * (vals[k] - o[k])
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _base(s, off, bias, src, dst, mats):  # pragma: no cover - compiled
+    """What stays fixed while the weights do: the biases plus the drives out of the clamped input, layers 1.."""
+    first = off[1]
+    base = bias.copy()
+    for e in range(src.size):
+        if src[e] == 0:
+            j = dst[e]
+            _matvec_add(mats[e], s[:first], base[off[j] - first:off[j + 1] - first], 1.0)
+    return base
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _step(cur, nxt, base, off, src, dst, mats, fbs, gain, untied, act, dt, nudge_kind, nudge_vals, beta,
+          inside):  # pragma: no cover - compiled
+    """One synchronous step from ``cur`` into ``nxt`` (see :func:`relax`)."""
+    first, last = off[1], off[off.size - 2]
+    nxt[:first] = cur[:first]
+    nxt[first:] = base
+    for e in range(src.size):
+        i, j = src[e], dst[e]
+        if i == 0:
+            continue
+        _matvec_add(mats[e], cur[off[i]:off[i + 1]], nxt[off[j]:off[j + 1]], 1.0)
+        if untied:
+            _matvec_add(fbs[e], cur[off[j]:off[j + 1]], nxt[off[i]:off[i + 1]], gain[e])
+        else:
+            _rmatvec_add(mats[e], cur[off[j]:off[j + 1]], nxt[off[i]:off[i + 1]], gain[e])
+    if inside:
+        _nudge(nxt[last:], cur[last:], nudge_vals, nudge_kind, beta)
+    _activate(nxt[first:], act)
+    if not inside:
+        _nudge(nxt[last:], cur[last:], nudge_vals, nudge_kind, beta)
+    if dt != 1.0:
+        for k in range(first, nxt.size):
+            nxt[k] = cur[k] + dt * (nxt[k] - cur[k])
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def relax(n, s_in, s_out, off, bias, src, dst, mats, fbs, gain, untied, act, dt, nudge_kind, nudge_vals, beta, inside,
+          tmp):  # pragma: no cover - compiled
+    """``n`` synchronous steps of docs/dynamics.md from the states ``s_in`` (every layer side by side, layer k at
+    ``off[k]:off[k + 1]``, the clamped input first) into ``s_out`` (``s_in`` is left as it was; ``tmp``: a scratch
+    vector of the same size, used when n > 1).
+
+    ``bias``: layers 1.. side by side. Edge e runs ``src[e] -> dst[e]`` through the effective matrix ``mats[e]``
+    ``(n_dst, n_src)``; out of a hidden layer it feeds back with gain ``gain[e]`` through ``fbs[e]`` ``(n_src,
+    n_dst)`` (untied) or ``mats[e]`` transposed (tied; ``fbs`` is then unused). The drive out of the clamped input
+    is computed once per call. Activation ``act``: 0 sigmoid4, 1 hard_sigmoid, 2 tanh, 3 identity. Nudge on the
+    last layer, ``nudge_kind`` 0 none, 1 a fixed voltage ``nudge_vals``, 2 target mode ``beta (nudge_vals - o_t)``;
+    added inside or outside the activation. ``dt < 1``: leaky integration ``s + dt (rho(u) - s)``.
+    """
+    base = _base(s_in, off, bias, src, dst, mats)
+    cur = s_in
+    for step in range(n):
+        nxt = s_out if (n - step) % 2 == 1 else tmp  # ping-pong so that the last step lands in s_out
+        _step(cur, nxt, base, off, src, dst, mats, fbs, gain, untied, act, dt, nudge_kind, nudge_vals, beta, inside)
+        cur = nxt
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def relax_learn(n, s, off, bias, src, dst, mats, fbs, gain, untied, act, dt, nudge_kind, nudge_vals, beta, inside,
+                learn_state, coefs, kinds, row_layer, col_layer, ws, w_mins, w_maxs, ups, downs, stucks, noises, effs,
+                scales, c2c_states, write_states, model, gamma_up, gamma_down, c2c, sigma, cap, thin):  # pragma: no cover
+    """``n`` nudged steps with on-device learning after each, in place on ``s``: what ``n`` calls of
+    :func:`relax` (one step) and :func:`local_step` do, draw for draw and float for float, in one call.
+
+    Learned matrix m (``effs[m]`` is the flat view of the effective matrix the dynamics read through ``mats`` or
+    ``fbs``) has rows on layer ``row_layer[m]`` (R) and columns on ``col_layer[m]`` (C); with the states s before and
+    s' after a step, kind 0 learns ``outer(s'_R - s_R, s_C)``, kind 1 ``outer(s'_R, s'_C) - outer(s_R, s_C)``.
+    Returns the pulses fired.
+    """
+    cur, nxt = s, np.empty_like(s)
+    fired = 0
+    for _ in range(n):
+        base = _base(cur, off, bias, src, dst, mats)
+        _step(cur, nxt, base, off, src, dst, mats, fbs, gain, untied, act, dt, nudge_kind, nudge_vals, beta, inside)
+        for m in range(coefs.size):
+            r0, r1, c0, c1 = off[row_layer[m]], off[row_layer[m] + 1], off[col_layer[m]], off[col_layer[m] + 1]
+            if kinds[m] == 0:
+                a, b, c, d = nxt[r0:r1] - cur[r0:r1], cur[c0:c1], cur[:0], cur[:0]
             else:
-                omega = min(max((hi - x) / (hi - lo), 0.0), 1.0)
-                step = dw * (omega ** gamma_up if up else (1.0 - omega) ** gamma_down)
-            x = min(max(x + step * noise[k], lo), hi)
-            k += 1
-        w[d] = x
+                a, b, c, d = nxt[r0:r1], nxt[c0:c1], cur[r0:r1], cur[c0:c1]
+            fired += _learn_matrix(learn_state, coefs[m], kinds[m], a, b, c, d, ws[m], w_mins[m], w_maxs[m], ups[m],
+                                   downs[m], stucks[m], noises[m], effs[m], scales[m], c2c_states[m],
+                                   write_states[m], model, gamma_up, gamma_down, c2c, sigma, cap, thin)
+        cur, nxt = nxt, cur
+    if n % 2 == 1:
+        s[:] = cur
+    return fired

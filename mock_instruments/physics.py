@@ -7,12 +7,14 @@ so that comparing the two catches mistakes in either. Hardware runs one sample a
 Every public method validates all of its arguments before it touches any state: a bad value raises
 :class:`eqprop_hil.protocols.errors.ValueRangeError` and leaves the array exactly as it was (``state_dict()`` unchanged).
 
-Speed without a different model (``benchmarks/physics.py``): effective matrices are cached and refreshed in place
-at the devices a command wrote; the drive of the clamped input is computed once per (weights, input); the non-input
-layers of a step share one vector (one bias add, one activation); local updates are rounded to pulses by thinning
-(``rounding.py``: the dense rule's distribution at a cost that follows the pulses) and fired in sparse form. Ideal
-devices give the same floats as the plain formulas (tests/test_physics_fast.py); real devices draw different random
-numbers from the same distributions than before these paths existed.
+Speed without a different model (``benchmarks/physics.py``): on real devices (any model but ``ideal``, no drift)
+the dynamics and the on-device learning run compiled (``kernels.py``, numba): ``step(n)`` is one call for all n
+steps, a nudged phase with the local rule included (rounding row by row with thinning, the pulses, the refresh
+of the effective matrices, in one call). Ideal devices and drifting ones keep the vectorised numpy path: effective
+matrices cached and refreshed in place at the devices a command wrote, the clamped input's drive computed once
+per (weights, input), one vector and one activation pass per step; ideal devices give the floats of the plain
+formulas (tests/test_physics_fast.py). The compiled dynamics sum in another order (float64 round-off apart), and
+real devices draw their noise from xoshiro256** streams seeded from the board's seed.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from eqprop_hil.mock_instruments import kernels
 from eqprop_hil.mock_instruments.converters import Adc, Dac, check_bits, check_range
 from eqprop_hil.mock_instruments.devices import DeviceArray, DeviceConfig
-from eqprop_hil.mock_instruments.rounding import new_state, round_matrix, round_outer
+from eqprop_hil.mock_instruments.rounding import THIN_BOUND, new_state, round_matrix, round_outer
 from eqprop_hil.protocols.errors import ValueRangeError
 
 ACTIVATIONS = {
@@ -54,6 +57,7 @@ PHASES = ("FREE", "NUDGE", "HOLD")
 MAX_LAYER = 65535
 MAX_STEPS = 1_000_000  # per call: keeps a single command bounded in time
 MAX_PULSE_COUNT = 127  # int8 on the wire, symmetric
+_NO_VECTOR = np.zeros(0)  # kernels.local_step's unused vectors of a rank-1 increment
 
 
 @dataclass
@@ -156,6 +160,13 @@ class ArrayPhysics:
         # non-input layers live side by side in one vector per step: one bias add and one activation for all
         self._starts = np.cumsum([0] + self.sizes[1:]).tolist()  # layer j >= 1 is [starts[j-1], starts[j])
         self._n_chain = len(self.sizes) - 1  # edges[:n_chain] are the chain edges (k, k + 1), in order
+        # the compiled dynamics (kernels.relax): real devices whose effective weights hold still between writes
+        self._compiled = not config.device.ideal and not config.device.drift_nu > 0
+        self._offsets = np.cumsum([0] + self.sizes)  # layer k of the side-by-side state vector: [off[k], off[k + 1])
+        self._src = np.array([i for i, _ in self.edges], dtype=np.int64)
+        self._dst = np.array([j for _, j in self.edges], dtype=np.int64)
+        self._act_code = ("sigmoid4", "hard_sigmoid", "tanh", "identity").index(config.activation)
+        self._no_nudge = np.zeros(self.sizes[-1])
         root = np.random.SeedSequence(config.seed)
         init_seq, read_seq, train_seq, learn_seq, dev_seq = root.spawn(5)
         init_rng = np.random.default_rng(init_seq)
@@ -345,7 +356,13 @@ class ArrayPhysics:
         n = _index(n, MAX_STEPS + 1, "step count")
         learn = self._phase == "NUDGE" and self._learning
         beta = self._rule_beta() if learn and n else None
-        for _ in range(n if self._phase != "HOLD" else 0):
+        if self._compiled and self._phase != "HOLD" and n:  # all n steps in one compiled call
+            self._states = self._relax_learn(n, beta) if learn else self._relax(n)
+            self.clock += n
+            n_loop = 0
+        else:
+            n_loop = n if self._phase != "HOLD" else 0
+        for _ in range(n_loop):
             new = self._next_states()
             if learn:
                 self._local_update(self._states, new, beta)
@@ -356,6 +373,38 @@ class ArrayPhysics:
         self.counters["steps"] += n
 
     def _next_states(self) -> list[np.ndarray]:
+        """One synchronous step: compiled (:meth:`_relax`) on real devices, :meth:`_next_states_numpy` on ideal ones."""
+        return self._relax(1) if self._compiled else self._next_states_numpy()
+
+    def _relax(self, n: int) -> list[np.ndarray]:
+        """``n`` steps by kernels.relax: the same rule as :meth:`_next_states_numpy`, summed in another order (the
+        states agree to float64 round-off, tests/test_physics_fast.py). New state vectors; the old ones are kept."""
+        s = self._states
+        flat = np.concatenate(s)
+        out = np.empty_like(flat)
+        mats, fbs = self._matrices()
+        kind, values, beta = self._nudge_arguments()
+        kernels.relax(n, flat, out, self._offsets, self._bias_all, self._src, self._dst, mats, fbs,
+                      np.array(self._gain), self.untied, self._act_code, float(self.config.dt), kind, values, beta,
+                      self.config.nudge_placement == "inside", np.empty_like(flat) if n > 1 else out)
+        off = self._offsets
+        return [s[0]] + [out[off[k]:off[k + 1]] for k in range(1, len(self.sizes))]
+
+    def _matrices(self) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+        """Effective forward matrices per edge and, untied, the feedback ones (the forward matrix stands in where
+        an edge has none); tied: the forward ones twice (the kernels transpose them)."""
+        mats = tuple(self._effective((e, False)) for e in range(len(self.edges)))
+        if not self.untied:
+            return mats, mats
+        return mats, tuple(self._effective((e, True)) if self._b[e] is not None else mats[e] for e in range(len(mats)))
+
+    def _nudge_arguments(self) -> tuple[int, np.ndarray, float]:
+        """The nudge for the kernels: kind (0 none, 1 fixed volts, 2 target mode), values, beta."""
+        if self._phase != "NUDGE" or self._nudge is None:
+            return 0, self._no_nudge, 0.0
+        return (1 if self._nudge[0] == "current" else 2), self._nudge[1], float(self._nudge[2])
+
+    def _next_states_numpy(self) -> list[np.ndarray]:
         """One synchronous step: u_k = b_k + sum of the edge terms into k, s'_k = rho(u_k) (+ nudge, leaky dt).
 
         Layers 1.. share one new vector (``out``; the new states are views of it). Each layer's terms are added
@@ -428,6 +477,9 @@ class ArrayPhysics:
 
     def _local_update(self, old: list[np.ndarray], new: list[np.ndarray], beta: float) -> None:
         """Apply one step's C-EP (tied) or C-VF (untied) increment to every edge with eta > 0."""
+        if self._compiled:
+            self._local_update_compiled(old, new, beta)
+            return
         ideal = self.config.device.ideal
         for e, (i, j) in enumerate(self.edges):
             rate = self._eta[e] / beta
@@ -443,6 +495,68 @@ class ArrayPhysics:
             else:  # rate * (outer(s'_j, s'_i) - outer(s_j, s_i)); the ideal model keeps this arithmetic on every edge
                 self._increment((e, False), rate, new[j], new[i], old[j], old[i])
         self.counters["local_updates"] += 1
+
+    def _learned(self, beta: float) -> tuple[list[tuple[int, bool]], list[int], list[int], list[int], list[float]]:
+        """The matrices the local rule writes at this beta: keys, kinds (0: rank 1 ``outer(s'_R - s_R, s_C)``, 1:
+        ``outer(s'_R, s'_C) - outer(s_R, s_C)``), row and column layers R, C, and pulses per unit of increment."""
+        keys, kinds, rows, cols, coefs = [], [], [], [], []
+        for e, (i, j) in enumerate(self.edges):
+            rate = self._eta[e] / beta
+            if rate == 0:
+                continue
+            if self.untied:  # C-VF: W_e learns outer(ds_j, s_i), B_e outer(ds_i, s_j)
+                learned = [((e, False), 0, j, i)] + ([((e, True), 0, i, j)] if i >= 1 else [])
+            else:  # tied C-EP; the input is clamped, so out of it the increment is rank 1: outer(ds_j, x)
+                learned = [((e, False), 0 if i == 0 else 1, j, i)]
+            for key, kind, r, c in learned:
+                keys.append(key)
+                kinds.append(kind)
+                rows.append(r)
+                cols.append(c)
+                coefs.append(rate / (self._scale[key] * self._device(key).config.dw_min))
+        return keys, kinds, rows, cols, coefs
+
+    def _device_arguments(self, keys: list[tuple[int, bool]]) -> tuple:
+        """The learned matrices' device arrays for kernels.local_step / relax_learn, from ``ws`` to ``write_sigma``
+        (effective matrices flat; the cache holds them: no drift on compiled boards)."""
+        devices = [self._device(key) for key in keys]
+        arrays = [tuple(a) for a in zip(*(d.kernel_arrays() for d in devices))]
+        model, gamma_up, gamma_down, c2c, _, sigma, _ = devices[0].kernel_params()
+        return (*arrays, tuple(self._effective(key).ravel() for key in keys), np.array([self._scale[k] for k in keys]),
+                tuple(d.c2c_state for d in devices), tuple(d.write_state for d in devices), model, gamma_up, gamma_down,
+                c2c, sigma, MAX_PULSE_COUNT, THIN_BOUND)
+
+    def _local_update_compiled(self, old: list[np.ndarray], new: list[np.ndarray], beta: float) -> None:
+        """:meth:`_local_update` in one compiled call (kernels.local_step): every learned matrix rounded, fired and
+        its cached effective weights refreshed."""
+        keys, kinds, rows, cols, coefs = self._learned(beta)
+        if keys:
+            vectors = [(new[r] - old[r], old[c], _NO_VECTOR, _NO_VECTOR) if kind == 0 else (new[r], new[c], old[r], old[c])
+                       for kind, r, c in zip(kinds, rows, cols)]
+            self.counters["pulses"] += kernels.local_step(
+                self._learn_state, np.array(coefs), np.array(kinds, dtype=np.int64),
+                *(tuple(v) for v in zip(*vectors)), *self._device_arguments(keys))
+        self.counters["local_updates"] += 1
+
+    def _relax_learn(self, n: int, beta: float) -> list[np.ndarray]:
+        """``n`` nudged steps with the local rule after each, in one compiled call (kernels.relax_learn): the
+        states and draws of ``n`` times :meth:`_relax` (1) and :meth:`_local_update_compiled`."""
+        keys, kinds, rows, cols, coefs = self._learned(beta)
+        if not keys:  # every eta 0: nothing to learn
+            self.counters["local_updates"] += n
+            return self._relax(n)
+        flat = np.concatenate(self._states)
+        mats, fbs = self._matrices()
+        kind, values, nudge_beta = self._nudge_arguments()
+        pulses = kernels.relax_learn(
+            n, flat, self._offsets, self._bias_all, self._src, self._dst, mats, fbs, np.array(self._gain), self.untied,
+            self._act_code, float(self.config.dt), kind, values, nudge_beta, self.config.nudge_placement == "inside",
+            self._learn_state, np.array(coefs), np.array(kinds, dtype=np.int64), np.array(rows, dtype=np.int64),
+            np.array(cols, dtype=np.int64), *self._device_arguments(keys))
+        self.counters["pulses"] += pulses
+        self.counters["local_updates"] += n
+        off = self._offsets
+        return [self._states[0]] + [flat[off[k]:off[k + 1]] for k in range(1, len(self.sizes))]
 
     def _increment(
         self, key: tuple[int, bool], rate: float, a: np.ndarray, b: np.ndarray,

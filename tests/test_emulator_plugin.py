@@ -108,7 +108,7 @@ def test_emulators_drivers_and_plugin_import_nothing_heavy() -> None:
 def test_the_base_install_is_light_and_the_quick_start_installs_everything() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     base = {d.split(">")[0].split("=")[0].strip() for d in project["dependencies"]}
-    assert base == {"numpy", "pyvisa", "pyvisa-py", "pyserial", "pyzmq", "cobs"}
+    assert base == {"numpy", "pyvisa", "pyvisa-py", "pyserial", "pyzmq", "cobs", "numba"}  # numba: kernels.py
     extras = project["optional-dependencies"]
     assert any(d.startswith("pytest") for d in extras["emulators"])
     assert {"torch", "matplotlib", "scikit-learn", "tqdm", "event-model"} <= {

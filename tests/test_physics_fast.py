@@ -92,14 +92,21 @@ def test_the_generator_is_uniform_seeded_and_the_kernels_are_their_interpreted_c
             np.testing.assert_array_equal(out[1][:m_c], out[3][:m_i])
             np.testing.assert_array_equal(state_c, state_i)
     for model in (0, 1, 2):
-        w0 = rng.uniform(-0.3, 0.3, 50)
-        w_c, w_i = w0.copy(), w0.copy()
-        args = (np.full(50, -0.6), np.full(50, 0.6), rng.uniform(0.0005, 0.0015, 50), rng.uniform(0.0005, 0.0015, 50),
-                np.array([1, 4, 7, 30]), np.array([3, -1, 255, -2]), rng.normal(1.0, 0.3, 261), model, 1.5, 0.7)
-        kernels.pulse_trains(w_c, *args)
-        kernels.pulse_trains.py_func(w_i, *args)
-        np.testing.assert_array_equal(w_c, w_i)
-        assert np.count_nonzero(w_c != w0) == 4
+        arrays = [rng.uniform(-0.3, 0.3, 50), np.full(50, -0.6), np.full(50, 0.6), rng.uniform(5e-4, 15e-4, 50),
+                  rng.uniform(5e-4, 15e-4, 50), np.arange(50) == 7, np.zeros(50)]  # device 7 stuck
+        twin = [a.copy() for a in arrays]
+        pulses = (np.array([1, 4, 7, 30]), np.array([3, -1, 255, -2]))
+        states = [rounding.new_state(6), rounding.new_state(7)], [rounding.new_state(6), rounding.new_state(7)]
+        kernels.pulse_trains(*arrays, *pulses, model, 1.5, 0.7, 0.3, states[0][0], 1e-4, states[0][1])
+        kernels.pulse_trains.py_func(*twin, *pulses, model, 1.5, 0.7, 0.3, states[1][0], 1e-4, states[1][1])
+        for a, b in zip(arrays + states[0], twin + states[1]):
+            np.testing.assert_array_equal(a, b)
+        moved = np.flatnonzero(arrays[6])
+        assert moved.tolist() == [1, 4, 30]  # written devices got write noise; the stuck one did not move
+    z = np.empty(200_001)  # an odd count: the last pair's second number is dropped
+    kernels.fill_normals(rounding.new_state(8), z)
+    assert z.mean() == pytest.approx(0.0, abs=5 / np.sqrt(z.size)) and z.var() == pytest.approx(1.0, rel=0.015)
+    assert np.mean(np.abs(z) > 3) == pytest.approx(0.0027, abs=0.0005)  # the tails of a normal, not of a uniform
 
 
 @pytest.mark.parametrize("scale", [0.9, 40.0], ids=["thinning", "dense"])
@@ -381,3 +388,90 @@ def test_in_place_activations_are_the_activations(name: str) -> None:
     y = x.copy()
     ACTIVATIONS_INPLACE[name](y)
     np.testing.assert_array_equal(y, ACTIVATIONS[name](x))
+
+
+DYNAMICS_CASES = {
+    "tied sigmoid4": dict(),
+    "untied tanh, skips": dict(feedback="untied", activation="tanh", skips=[(0, 2), (1, 3)]),
+    "hard_sigmoid, leaky": dict(activation="hard_sigmoid", dt=0.3, skips=[(0, 3)]),
+    "identity, nudge inside": dict(activation="identity", nudge_placement="inside", skips=[(1, 3)]),
+}
+
+
+@pytest.mark.parametrize("case", DYNAMICS_CASES)
+@pytest.mark.parametrize("nudge", ["target", "current"])
+def test_compiled_dynamics_follow_the_plain_rule(case: str, nudge: str) -> None:
+    """Real devices step through kernels.relax (a different order of float adds): the states stay within float64
+    round-off of the vectorised rule (_next_states_numpy), free and nudged, with gains, biases and scales set."""
+    p = ArrayPhysics(ArrayConfig(sizes=[7, 9, 6, 4], seed=13, **DYNAMICS_CASES[case]))
+    assert p._compiled
+    for e, gain in enumerate([1.0, 0.5, 0.2, 0.7, 0.9][:len(p.edges)]):
+        p.set_gain(e, gain)
+    p.set_scale(1, 1.6)
+    p.set_bias(2, np.linspace(-0.2, 0.3, 6))
+    p.set_input(np.linspace(0.0, 1.0, 7))
+    p.set_phase("FREE")
+    for phase in ("FREE", "NUDGE"):
+        if phase == "NUDGE":
+            if nudge == "target":
+                p.set_nudge_target(np.array([1.0, 0.0, 0.0, 1.0]), 0.4)
+            else:
+                p.set_nudge_current(np.array([2e-5, -1e-5, 0.0, 3e-5]))
+            p.set_phase("NUDGE")
+        start = p._states
+        plain = start
+        for _ in range(6):
+            p._states = plain
+            plain = p._next_states_numpy()
+        p._states = start
+        compiled = p._relax(6)
+        for a, b in zip(plain, compiled):
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-13)
+        assert not np.array_equal(compiled[-1], start[-1])
+        p._states = compiled
+
+
+@pytest.mark.parametrize("feedback", ["tied", "untied"])
+def test_one_call_nudged_phase_is_the_step_by_step_path_draw_for_draw(feedback: str) -> None:
+    """kernels.relax_learn (train_sample's nudged phase in one call) equals one step of kernels.relax followed by
+    kernels.local_step, repeated: the same states, weights, effective matrices, noise and random states, exactly,
+    on noisy soft-bounds devices with write noise and stuck devices, over a skip edge."""
+    device = DeviceConfig(write_noise=0.5, stuck_fraction=0.1)
+
+    def make() -> ArrayPhysics:
+        q = ArrayPhysics(ArrayConfig(sizes=[8, 12, 5], skips=[(0, 2)], feedback=feedback, device=device, seed=14))
+        q.set_local_learning(True, [0.02, 0.05, 0.03], None)
+        q.set_input(np.r_[np.zeros(3), np.linspace(0.2, 1.0, 5)])  # dark pixels: rank-1 columns skipped
+        q.set_phase("FREE")
+        q.step(20)
+        q.set_nudge_target(np.array([0.0, 1.0, 0.0, 0.0, 0.0]), 0.5)
+        q.set_phase("NUDGE")
+        return q
+
+    fused, stepwise = make(), make()
+    fused.step(7)
+    for _ in range(7):
+        new = stepwise._relax(1)
+        stepwise._local_update_compiled(stepwise._states, new, 0.5)
+        stepwise._states = new
+        stepwise.clock += 1
+    stepwise.counters["steps"] += 7
+    assert fused.counters["pulses"] > 0
+    assert_same(fused.state_dict(), stepwise.state_dict())
+    for key, m in fused._cache.items():
+        np.testing.assert_array_equal(m, stepwise._cache[key])
+        np.testing.assert_array_equal(m, fused.scale(*key) * fused._device(key).visible(fused.clock))
+
+
+def test_local_learning_with_every_rate_zero_steps_and_fires_nothing() -> None:
+    p = ArrayPhysics(ArrayConfig(sizes=[3, 4, 2], seed=15))
+    p.set_local_learning(True, [0.0, 0.0], 0.5)
+    p.set_input(np.array([0.2, 0.5, 0.9]))
+    p.set_nudge_target(np.array([1.0, 0.0]), 0.5)
+    p.set_phase("NUDGE")
+    weights = [d.w.copy() for d in p._w]
+    p.step(3)
+    out = p.train_sample(np.array([0.2, 0.5, 0.9]), np.array([1.0, 0.0]), 0.5, 4, 3)
+    assert out.shape == (2,) and p.counters["pulses"] == 0 and p.counters["local_updates"] == 6
+    for d, w in zip(p._w, weights):
+        np.testing.assert_array_equal(d.w, w)
