@@ -88,44 +88,61 @@ def fill_normals(s, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _round_row(s, a, v, c, w, p, cap, thin, base, index, out_flat, out_counts, m):  # pragma: no cover - compiled
-    """Append the stochastically rounded counts of the row ``q = a v - c w`` (scalars a, c; vectors v, w) to
-    ``out_*`` from position ``m``; returns the new m. ``p >= max |q|`` over the row, known to the caller without a
-    scan (``|a| max|v| + |c| max|w|``), or the maximum itself.
+def _neg_log1m(p):  # pragma: no cover - compiled
+    """``-log(1 - p)`` for 0 < p < 1: below 2**-7 its series to the p**8 term (the rest is under 1e-17 of it, i.e.
+    below double rounding), a polynomial instead of a log1p call for the many rows of tiny p."""
+    if p >= 0.0078125:
+        return -math.log1p(-p)
+    return p * (1.0 + p * (0.5 + p * (1.0 / 3.0 + p * (0.25 + p * (0.2 + p * (1.0 / 6.0 + p * (1.0 / 7.0 + p * 0.125)))))))
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _round_block(s, a, c, v, w, p, cap, thin, row_base, index, out_flat, out_counts):  # pragma: no cover - compiled
+    """Stochastically rounded counts of the rows ``q_r = a[r] v[r'] - c[r] w[r']`` into ``out_*`` (``r' = r``, or
+    0 where v / w have a single row: a rank-1 block); returns how many were written. ``p[r] >= max |q_r|`` (a
+    bound the caller knows without a scan, or the maximum). Output flat index of column k of row r:
+    ``row_base[r] + index[k]``. ``s``: the xoshiro256** state, advanced.
 
     Each device gets ``floor(q) + Bernoulli(q - floor(q))`` pulses, capped at ``cap``, independently. A row with
     ``p <= thin`` draws candidate positions as a Bernoulli(p) process (geometric gaps by inversion, in floats, so a
     tiny p cannot overflow) and keeps each with probability ``|q| / p``: ~``2 n p`` draws instead of n, and no pass
-    over the row. Output flat index of column k: ``base + index[k]``. ``s``: the xoshiro256** state.
+    over the row. One loop with no calls that take arrays: each such call costs two atomic reference-count
+    operations, which per row and per device were most of the time.
     """
-    n = v.size
-    if p == 0.0:
-        return m
-    s0, s1, s2, s3 = s[0], s[1], s[2], s[3]  # the state in registers for the row
-    if p <= thin:
-        rate = -math.log1p(-p)  # P(gap > j) = (1 - p)^j = exp(-rate j)
-        pos = -1.0
-        while True:
-            u, s0, s1, s2, s3 = _next(s0, s1, s2, s3)
-            pos += max(1.0, np.ceil(-math.log1p(-u) / rate))  # exponential / rate, rounded up (a float)
-            if pos >= n:
-                break
-            k = int(pos)
-            q = a * v[k] - c * w[k]
-            u, s0, s1, s2, s3 = _next(s0, s1, s2, s3)
-            if u * p < abs(q):
-                out_flat[m] = base + index[k]
-                out_counts[m] = 1 if q > 0 else -1
-                m += 1
-    else:
-        for k in range(n):
-            u, s0, s1, s2, s3 = _next(s0, s1, s2, s3)
-            f = np.floor(a * v[k] - c * w[k] + u)  # a float: math.floor's int64 would overflow on a huge q
-            if f != 0.0:
-                f = min(max(f, -cap), cap)
-                out_flat[m] = base + index[k]
-                out_counts[m] = int(f)
-                m += 1
+    n = v.shape[1]
+    s0, s1, s2, s3 = s[0], s[1], s[2], s[3]  # the state in registers
+    m = 0
+    for r in range(a.size):
+        pr = p[r]
+        if pr == 0.0:
+            continue
+        ar, cr, base = a[r], c[r], row_base[r]
+        vr = r if v.shape[0] > 1 else 0
+        wr = r if w.shape[0] > 1 else 0
+        if pr <= thin:
+            rate = _neg_log1m(pr)  # P(gap > j) = (1 - p)^j = exp(-rate j)
+            pos = -1.0
+            while True:
+                u, s0, s1, s2, s3 = _next(s0, s1, s2, s3)
+                pos += max(1.0, np.ceil(-math.log(1.0 - u) / rate))  # exponential / rate, rounded up (a float)
+                if pos >= n:
+                    break
+                k = int(pos)
+                q = ar * v[vr, k] - cr * w[wr, k]
+                u, s0, s1, s2, s3 = _next(s0, s1, s2, s3)
+                if u * pr < abs(q):
+                    out_flat[m] = base + index[k]
+                    out_counts[m] = 1 if q > 0 else -1
+                    m += 1
+        else:
+            for k in range(n):
+                u, s0, s1, s2, s3 = _next(s0, s1, s2, s3)
+                f = np.floor(ar * v[vr, k] - cr * w[wr, k] + u)  # a float: math.floor's int64 would overflow
+                if f != 0.0:
+                    f = min(max(f, -cap), cap)
+                    out_flat[m] = base + index[k]
+                    out_counts[m] = int(f)
+                    m += 1
     s[0], s[1], s[2], s[3] = s0, s1, s2, s3
     return m
 
@@ -134,15 +151,12 @@ def _round_row(s, a, v, c, w, p, cap, thin, base, index, out_flat, out_counts, m
 def round_rows(s, quanta, cap, thin, out_flat, out_counts):  # pragma: no cover - compiled
     """Round a C-contiguous 2-d ``quanta`` matrix row by row; flat C-order indices. Returns the count written."""
     rows, n = quanta.shape
-    index = np.arange(n)
-    m = 0
+    p = np.zeros(rows)
     for r in range(rows):
-        row = quanta[r]
-        p = 0.0
         for k in range(n):
-            p = max(p, abs(row[k]))
-        m = _round_row(s, 1.0, row, 0.0, row, p, cap, thin, r * n, index, out_flat, out_counts, m)
-    return m
+            p[r] = max(p[r], abs(quanta[r, k]))
+    return _round_block(s, np.ones(rows), np.zeros(rows), quanta, quanta, p, cap, thin, np.arange(rows) * n,
+                        np.arange(n), out_flat, out_counts)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -152,33 +166,9 @@ def round_rank1(s, av, rows, bv, cols, width, cap, thin, out_flat, out_counts): 
     bmax = 0.0
     for k in range(bv.size):
         bmax = max(bmax, abs(bv[k]))
-    m = 0
-    for r in range(av.size):
-        m = _round_row(s, av[r], bv, 0.0, bv, abs(av[r]) * bmax, cap, thin, rows[r] * width, cols, out_flat, out_counts,
-                       m)
-    return m
-
-
-@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _fire(d, n, w, w_min, w_max, dw_up, dw_down, model, gamma_up, gamma_down, c2c, xi, k):  # pragma: no cover
-    """``n`` signed pulses into device ``d``, one after another, pulse p's c2c factor ``1 + c2c xi[k + p]`` (see
-    :func:`pulse_trains`); returns ``k + |n|``."""
-    up = n > 0
-    x, lo, hi = w[d], w_min[d], w_max[d]
-    dw = dw_up[d] if up else -dw_down[d]
-    slope = dw / (hi if up else lo)  # soft bounds: dw (1 - w / bound) = dw - w slope, no division per pulse
-    for _ in range(abs(n)):
-        if model == 1:
-            step = dw - x * slope
-        elif model == 0:
-            step = dw
-        else:
-            omega = min(max((hi - x) / (hi - lo), 0.0), 1.0)
-            step = dw * (omega ** gamma_up if up else (1.0 - omega) ** gamma_down)
-        x = min(max(x + step * (1.0 + c2c * xi[k]), lo), hi)
-        k += 1
-    w[d] = x
-    return k
+    v = bv.reshape((1, bv.size))
+    return _round_block(s, av, np.zeros(av.size), v, v, np.abs(av) * bmax, cap, thin, rows * width, cols, out_flat,
+                        out_counts)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -204,7 +194,22 @@ def _fire_all(flat, counts, n, w, w_min, w_max, dw_up, dw_down, stuck, noise, ef
         d = flat[i]
         if stuck.size and stuck[d]:
             continue
-        k = _fire(d, counts[i], w, w_min, w_max, dw_up, dw_down, model, gamma_up, gamma_down, c2c, xi, k)
+        # the train of counts[i] pulses, one after another; pulse p's c2c factor 1 + c2c xi[k + p]
+        up = counts[i] > 0
+        x, lo, hi = w[d], w_min[d], w_max[d]
+        dw = dw_up[d] if up else -dw_down[d]
+        slope = dw / (hi if up else lo)  # soft bounds: dw (1 - w / bound) = dw - w slope, no division per pulse
+        for _ in range(abs(counts[i])):
+            if model == 1:
+                step = dw - x * slope
+            elif model == 0:
+                step = dw
+            else:
+                omega = min(max((hi - x) / (hi - lo), 0.0), 1.0)
+                step = dw * (omega ** gamma_up if up else (1.0 - omega) ** gamma_down)
+            x = min(max(x + step * (1.0 + c2c * xi[k]), lo), hi)
+            k += 1
+        w[d] = x
         if sigma > 0.0:
             noise[d] = sigma * zeta[j]
             j += 1
@@ -250,13 +255,16 @@ def _learn_matrix(learn_state, coef, kind, a, b, c, d, w, w_min, w_max, up, down
         dv[nc] = d[k] if kind == 1 else 0.0
         bmax, dmax = max(bmax, abs(b[k])), max(dmax, abs(dv[nc]))
         nc += 1
-    bv, dv, cols = bv[:nc], dv[:nc], cols[:nc]
-    n = 0
+    av = np.empty(a.size)
+    cv = np.zeros(a.size)
+    p = np.empty(a.size)
     for r in range(a.size):
-        ar = coef * a[r]
-        cr = coef * c[r] if kind == 1 else 0.0
-        n = _round_row(learn_state, ar, bv, cr, dv, abs(ar) * bmax + abs(cr) * dmax, cap, thin, r * width, cols,
-                       out_flat, out_counts, n)
+        av[r] = coef * a[r]
+        if kind == 1:
+            cv[r] = coef * c[r]
+        p[r] = abs(av[r]) * bmax + abs(cv[r]) * dmax
+    n = _round_block(learn_state, av, cv, bv[:nc].reshape((1, nc)), dv[:nc].reshape((1, nc)), p, cap, thin,
+                     np.arange(a.size) * width, cols, out_flat, out_counts)
     return _fire_all(out_flat, out_counts, n, w, w_min, w_max, up, down, stuck, noise, eff, scale, model, gamma_up,
                      gamma_down, c2c, c2c_state, sigma, write_state)
 

@@ -475,3 +475,9 @@ def test_local_learning_with_every_rate_zero_steps_and_fires_nothing() -> None:
     assert out.shape == (2,) and p.counters["pulses"] == 0 and p.counters["local_updates"] == 6
     for d, w in zip(p._w, weights):
         np.testing.assert_array_equal(d.w, w)
+
+
+def test_the_thinning_rate_series_is_log1p_to_double_rounding() -> None:
+    """Rows of tiny bound p take ``-log(1 - p)`` from its series (kernels._neg_log1m): within two ulps of log1p."""
+    for p in np.concatenate([np.geomspace(1e-300, 0.0078, 3000), np.linspace(0.0078, 0.25, 300)]):
+        assert kernels._neg_log1m(p) == pytest.approx(-np.log1p(-p), rel=4.5e-16, abs=0.0)
