@@ -1,6 +1,6 @@
 """pytest plugin (registered through the ``pytest11`` entry point): emulated instruments for any test suite.
 
-Installed with ``pip install 'eqprop-hil[emulators]'`` (numpy, pyvisa, pyvisa-py, pyserial, pyzmq, cobs; no
+Installed with ``pip install 'eqprop-hil[emulators]'`` (numpy, numba, pyvisa, pyvisa-py, pyserial, pyzmq, cobs; no
 torch, matplotlib or scikit-learn), a project's own tests get:
 
 - ``make_analog_board(sizes=(4, 6, 3), device="ideal", seed=0, noise=0.0, faults=None, token=None, **settings)``
