@@ -194,6 +194,31 @@ class ArrayPhysics:
             ("steps", "pulse_commands", "pulses", "outer_commands", "coincidences", "program_commands",
              "local_updates", "resets", "power_cycles"), 0)
         self._power_on()
+        if self._compiled:
+            self._warm_kernels()
+
+    def _warm_kernels(self) -> None:
+        """Compile (first use on a machine, seconds) or load (numba's cache) the kernels for this board's argument
+        types now, at power-on, rather than inside the first command a client is timing. Runs them for 0 steps
+        with nothing fired: no state changes. A nudged phase that learns on fewer matrices (an eta of 0) has other
+        types and compiles at its first use."""
+        saved = self._eta
+        self._eta = [1.0] * len(self.edges)
+        try:
+            keys, kinds, rows, cols, coefs = self._learned(1.0)
+        finally:
+            self._eta = saved
+        flat = np.concatenate(self._states)
+        mats, fbs = self._matrices()
+        common = (self._offsets, self._bias_all, self._src, self._dst, mats, fbs, np.array(self._gain), self.untied,
+                  self._act_code, float(self.config.dt), 0, self._no_nudge, 0.0,
+                  self.config.nudge_placement == "inside")
+        kernels.relax(0, flat, flat.copy(), *common, flat.copy())
+        kernels.relax_learn(0, flat.copy(), *common, self._learn_state, np.array(coefs),
+                            np.array(kinds, dtype=np.int64), np.array(rows, dtype=np.int64),
+                            np.array(cols, dtype=np.int64), *self._device_arguments(keys))
+        none = np.zeros(0, dtype=np.int64)
+        kernels.pulse_trains(*self._w[0].kernel_arrays(), none, none, *self._w[0].kernel_params())
 
     def _new_matrix(self, shape, rng, seed) -> DeviceArray:
         bound = self.config.init_scale / np.sqrt(shape[1])
