@@ -207,11 +207,12 @@ def metrics(run: Path) -> list[dict]:
             for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def wait_journal_growth(proc: Process, path: Path, records: int) -> None:
-    """Bounded wait until the journal holds ``records`` more lines than now, or the process ended."""
+def wait_journal_growth(proc: Process, path: Path, records: int, last_sample: int) -> None:
+    """Bounded wait until the journal holds ``records`` more lines than now, or has journaled a command of sample
+    ``last_sample`` (so that the plan's next crash still has samples to land in), or the process ended."""
     target = len(journal_records(path)) + records
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while proc.proc.poll() is None and len(journal_records(path)) < target:
+    while proc.proc.poll() is None and len(journal_records(path)) < target and furthest_sample(path) < last_sample:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the journal did not grow by {records} records within {RUN_TIMEOUT_S} s")
         time.sleep(0.002)  # polling a condition (the file), not waiting for an outcome
@@ -269,7 +270,9 @@ def test_sigkill_at_random_points_then_resume_ends_like_a_straight_run(emulators
             rc = proc.wait(RUN_TIMEOUT_S)
             assert rc == -signal.SIGKILL, f"{kind} {crash_at} did not kill the trainer (rc {rc}):\n{proc.text()}"
         elif kind == "journal":
-            wait_journal_growth(proc, run_dir / "journal.jsonl", param)
+            # stop short of the next crash's range end: the kill lands a moment after the growth is seen, and a
+            # run already past every remaining reference command would leave that crash nowhere to land
+            wait_journal_growth(proc, run_dir / "journal.jsonl", param, last_sample=plan[n + 1][1][1] - 6)
             rc = proc.kill()
         else:
             proc.next_line(lambda s: s.startswith(param), RUN_TIMEOUT_S)
