@@ -237,12 +237,11 @@ def pulse_trains(w, w_min, w_max, dw_up, dw_down, stuck, noise, flat, counts, mo
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _learn_matrix(learn_state, coef, kind, a, b, c, d, w, w_min, w_max, up, down, stuck, noise, eff, scale, c2c_state,
-                  write_state, model, gamma_up, gamma_down, c2c, sigma, cap, thin):  # pragma: no cover - compiled
+                  write_state, model, gamma_up, gamma_down, c2c, sigma, cap, thin, out_flat,
+                  out_counts):  # pragma: no cover - compiled
     """Round one matrix's increment, fire it and refresh its effective weights; returns the pulses fired (see
-    :func:`local_step`)."""
+    :func:`local_step`). ``out_flat`` / ``out_counts``: scratch of at least ``a.size * b.size`` int64 each."""
     width = b.size
-    out_flat = np.empty(a.size * width, dtype=np.int64)
-    out_counts = np.empty(a.size * width, dtype=np.int64)
     cols = np.empty(width, dtype=np.int64)
     bv = np.empty(width)
     dv = np.empty(width)
@@ -281,11 +280,16 @@ def local_step(learn_state, coefs, kinds, va, vb, vc, vd, ws, w_mins, w_maxs, up
     DeviceArray arrays, flat (see :func:`pulse_trains`); ``effs``: the cached effective matrices, flat, refreshed
     as ``scale * (w + noise)`` at every device written.
     """
+    size = 0
+    for m in range(coefs.size):
+        size = max(size, va[m].size * vb[m].size)
+    out_flat, out_counts = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
     fired = 0
     for m in range(coefs.size):
         fired += _learn_matrix(learn_state, coefs[m], kinds[m], va[m], vb[m], vc[m], vd[m], ws[m], w_mins[m],
                                w_maxs[m], ups[m], downs[m], stucks[m], noises[m], effs[m], scales[m], c2c_states[m],
-                               write_states[m], model, gamma_up, gamma_down, c2c, sigma, cap, thin)
+                               write_states[m], model, gamma_up, gamma_down, c2c, sigma, cap, thin, out_flat,
+                               out_counts)
     return fired
 
 
@@ -407,6 +411,10 @@ def relax_learn(n, s, off, bias, src, dst, mats, fbs, gain, untied, act, dt, nud
     Returns the pulses fired.
     """
     cur, nxt = s, np.empty_like(s)
+    size = 0
+    for m in range(coefs.size):
+        size = max(size, (off[row_layer[m] + 1] - off[row_layer[m]]) * (off[col_layer[m] + 1] - off[col_layer[m]]))
+    out_flat, out_counts = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)  # once per call
     fired = 0
     for _ in range(n):
         base = _base(cur, off, bias, src, dst, mats)
@@ -419,7 +427,8 @@ def relax_learn(n, s, off, bias, src, dst, mats, fbs, gain, untied, act, dt, nud
                 a, b, c, d = nxt[r0:r1], nxt[c0:c1], cur[r0:r1], cur[c0:c1]
             fired += _learn_matrix(learn_state, coefs[m], kinds[m], a, b, c, d, ws[m], w_mins[m], w_maxs[m], ups[m],
                                    downs[m], stucks[m], noises[m], effs[m], scales[m], c2c_states[m],
-                                   write_states[m], model, gamma_up, gamma_down, c2c, sigma, cap, thin)
+                                   write_states[m], model, gamma_up, gamma_down, c2c, sigma, cap, thin, out_flat,
+                                   out_counts)
         cur, nxt = nxt, cur
     if n % 2 == 1:
         s[:] = cur

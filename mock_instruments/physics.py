@@ -202,19 +202,10 @@ class ArrayPhysics:
         types now, at power-on, rather than inside the first command a client is timing. Runs them for 0 steps
         with nothing fired: no state changes. A nudged phase that learns on fewer matrices (an eta of 0) has other
         types and compiles at its first use."""
-        saved = self._eta
-        self._eta = [1.0] * len(self.edges)
-        try:
-            keys, kinds, rows, cols, coefs = self._learned(1.0)
-        finally:
-            self._eta = saved
+        keys, kinds, rows, cols, coefs = self._learned(1.0, [1.0] * len(self.edges))  # every matrix learning
         flat = np.concatenate(self._states)
-        mats, fbs = self._matrices()
-        common = (self._offsets, self._bias_all, self._src, self._dst, mats, fbs, np.array(self._gain), self.untied,
-                  self._act_code, float(self.config.dt), 0, self._no_nudge, 0.0,
-                  self.config.nudge_placement == "inside")
-        kernels.relax(0, flat, flat.copy(), *common, flat.copy())
-        kernels.relax_learn(0, flat.copy(), *common, self._learn_state, np.array(coefs),
+        kernels.relax(0, flat, flat.copy(), *self._dynamics_arguments(), flat.copy())
+        kernels.relax_learn(0, flat.copy(), *self._dynamics_arguments(), self._learn_state, np.array(coefs),
                             np.array(kinds, dtype=np.int64), np.array(rows, dtype=np.int64),
                             np.array(cols, dtype=np.int64), *self._device_arguments(keys))
         none = np.zeros(0, dtype=np.int64)
@@ -398,36 +389,36 @@ class ArrayPhysics:
         self.counters["steps"] += n
 
     def _next_states(self) -> list[np.ndarray]:
-        """One synchronous step: compiled (:meth:`_relax`) on real devices, :meth:`_next_states_numpy` on ideal ones."""
+        """One synchronous step: compiled (:meth:`_relax`) on real devices, :meth:`_next_states_numpy` on ideal and
+        drifting ones."""
         return self._relax(1) if self._compiled else self._next_states_numpy()
 
     def _relax(self, n: int) -> list[np.ndarray]:
         """``n`` steps by kernels.relax: the same rule as :meth:`_next_states_numpy`, summed in another order (the
         states agree to float64 round-off, tests/test_physics_fast.py). New state vectors; the old ones are kept."""
-        s = self._states
-        flat = np.concatenate(s)
+        flat = np.concatenate(self._states)
         out = np.empty_like(flat)
-        mats, fbs = self._matrices()
-        kind, values, beta = self._nudge_arguments()
-        kernels.relax(n, flat, out, self._offsets, self._bias_all, self._src, self._dst, mats, fbs,
-                      np.array(self._gain), self.untied, self._act_code, float(self.config.dt), kind, values, beta,
-                      self.config.nudge_placement == "inside", np.empty_like(flat) if n > 1 else out)
+        kernels.relax(n, flat, out, *self._dynamics_arguments(), np.empty_like(flat) if n > 1 else out)
+        return self._split(out)
+
+    def _split(self, flat: np.ndarray) -> list[np.ndarray]:
+        """The side-by-side state vector as per-layer views; the clamped input stays the same object (the numpy
+        path's cached input drive is keyed on it)."""
         off = self._offsets
-        return [s[0]] + [out[off[k]:off[k + 1]] for k in range(1, len(self.sizes))]
+        return [self._states[0]] + [flat[off[k]:off[k + 1]] for k in range(1, len(self.sizes))]
 
-    def _matrices(self) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-        """Effective forward matrices per edge and, untied, the feedback ones (the forward matrix stands in where
-        an edge has none); tied: the forward ones twice (the kernels transpose them)."""
+    def _dynamics_arguments(self) -> tuple:
+        """kernels.relax's arguments from ``off`` to ``inside``: topology, effective matrices (untied: the feedback
+        ones too, the forward matrix standing in where an edge has none; tied: the forward ones twice, the kernels
+        transpose them), gains, activation, dt and the nudge (kind 0 none, 1 fixed volts, 2 target mode)."""
         mats = tuple(self._effective((e, False)) for e in range(len(self.edges)))
-        if not self.untied:
-            return mats, mats
-        return mats, tuple(self._effective((e, True)) if self._b[e] is not None else mats[e] for e in range(len(mats)))
-
-    def _nudge_arguments(self) -> tuple[int, np.ndarray, float]:
-        """The nudge for the kernels: kind (0 none, 1 fixed volts, 2 target mode), values, beta."""
-        if self._phase != "NUDGE" or self._nudge is None:
-            return 0, self._no_nudge, 0.0
-        return (1 if self._nudge[0] == "current" else 2), self._nudge[1], float(self._nudge[2])
+        fbs = tuple(self._effective((e, True)) if self._b[e] is not None else mats[e]
+                    for e in range(len(mats))) if self.untied else mats
+        kind, values, beta = 0, self._no_nudge, 0.0
+        if self._phase == "NUDGE" and self._nudge is not None:
+            kind, values, beta = (1 if self._nudge[0] == "current" else 2), self._nudge[1], float(self._nudge[2])
+        return (self._offsets, self._bias_all, self._src, self._dst, mats, fbs, np.array(self._gain), self.untied,
+                self._act_code, float(self.config.dt), kind, values, beta, self.config.nudge_placement == "inside")
 
     def _next_states_numpy(self) -> list[np.ndarray]:
         """One synchronous step: u_k = b_k + sum of the edge terms into k, s'_k = rho(u_k) (+ nudge, leaky dt).
@@ -521,12 +512,14 @@ class ArrayPhysics:
                 self._increment((e, False), rate, new[j], new[i], old[j], old[i])
         self.counters["local_updates"] += 1
 
-    def _learned(self, beta: float) -> tuple[list[tuple[int, bool]], list[int], list[int], list[int], list[float]]:
-        """The matrices the local rule writes at this beta: keys, kinds (0: rank 1 ``outer(s'_R - s_R, s_C)``, 1:
-        ``outer(s'_R, s'_C) - outer(s_R, s_C)``), row and column layers R, C, and pulses per unit of increment."""
+    def _learned(self, beta: float, eta: list[float] | None = None
+                 ) -> tuple[list[tuple[int, bool]], list[int], list[int], list[int], list[float]]:
+        """The matrices the local rule writes at this beta and eta (default: the board's): keys, kinds (0: rank 1
+        ``outer(s'_R - s_R, s_C)``, 1: ``outer(s'_R, s'_C) - outer(s_R, s_C)``), row and column layers R, C, and
+        pulses per unit of increment."""
         keys, kinds, rows, cols, coefs = [], [], [], [], []
         for e, (i, j) in enumerate(self.edges):
-            rate = self._eta[e] / beta
+            rate = (self._eta if eta is None else eta)[e] / beta
             if rate == 0:
                 continue
             if self.untied:  # C-VF: W_e learns outer(ds_j, s_i), B_e outer(ds_i, s_j)
@@ -571,17 +564,11 @@ class ArrayPhysics:
             self.counters["local_updates"] += n
             return self._relax(n)
         flat = np.concatenate(self._states)
-        mats, fbs = self._matrices()
-        kind, values, nudge_beta = self._nudge_arguments()
-        pulses = kernels.relax_learn(
-            n, flat, self._offsets, self._bias_all, self._src, self._dst, mats, fbs, np.array(self._gain), self.untied,
-            self._act_code, float(self.config.dt), kind, values, nudge_beta, self.config.nudge_placement == "inside",
-            self._learn_state, np.array(coefs), np.array(kinds, dtype=np.int64), np.array(rows, dtype=np.int64),
-            np.array(cols, dtype=np.int64), *self._device_arguments(keys))
-        self.counters["pulses"] += pulses
+        self.counters["pulses"] += kernels.relax_learn(
+            n, flat, *self._dynamics_arguments(), self._learn_state, np.array(coefs), np.array(kinds, dtype=np.int64),
+            np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64), *self._device_arguments(keys))
         self.counters["local_updates"] += n
-        off = self._offsets
-        return [self._states[0]] + [flat[off[k]:off[k + 1]] for k in range(1, len(self.sizes))]
+        return self._split(flat)
 
     def _increment(
         self, key: tuple[int, bool], rate: float, a: np.ndarray, b: np.ndarray,
