@@ -245,7 +245,7 @@ def test_sigkill_at_random_points_then_resume_ends_like_a_straight_run(emulators
         # then any command of the range
         pool = [c for c in wanted if lo <= c[0] <= hi] or [c for c in ref_commands if lo <= c[0] <= hi] \
             or [c for c in ref_commands if c[0] >= lo]
-        assert pool, f"no reference pulse command at or after sample {lo}"
+        assert pool, f"no reference pulse command at or after sample {lo}; the crashes so far: {log}"
         return ":".join(map(str, rng.choice(pool)))
 
     # (kind, parameter) in order; hooks are resolved when their turn comes (they depend on where the run is)
@@ -270,9 +270,11 @@ def test_sigkill_at_random_points_then_resume_ends_like_a_straight_run(emulators
             rc = proc.wait(RUN_TIMEOUT_S)
             assert rc == -signal.SIGKILL, f"{kind} {crash_at} did not kill the trainer (rc {rc}):\n{proc.text()}"
         elif kind == "journal":
-            # stop short of the next crash's range end: the kill lands a moment after the growth is seen, and a
-            # run already past every remaining reference command would leave that crash nowhere to land
-            wait_journal_growth(proc, run_dir / "journal.jsonl", param, last_sample=plan[n + 1][1][1] - 6)
+            # stop by the middle of the next crash's range: the kill lands a moment after the growth is seen (longer
+            # on a loaded machine), and a run already past every remaining reference command would leave that
+            # crash nowhere to land
+            lo_next, hi_next = plan[n + 1][1][:2]
+            wait_journal_growth(proc, run_dir / "journal.jsonl", param, last_sample=(lo_next + hi_next) // 2)
             rc = proc.kill()
         else:
             proc.next_line(lambda s: s.startswith(param), RUN_TIMEOUT_S)
